@@ -1,0 +1,1 @@
+"""Specialists, templates, the fused model and generation."""
