@@ -19,6 +19,7 @@ averaging) and `onehot` (one specialist alone).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -139,6 +140,22 @@ class FusedModel(nn.Module):
                 if x < self.vocab_size:
                     ids.add(int(x))
         return ids
+
+    @contextlib.contextmanager
+    def gate_mode(self, spec: str | GateConfig):
+        """Temporarily run with another gate: `uniform`, `onehot:DOMAIN` or `learned` (baselines and
+        ablations through the same code path, without reloading the specialists)."""
+        gate = GateConfig.parse(spec) if isinstance(spec, str) else spec
+        if gate.mode == "learned" and self.gate is None:
+            raise ValueError("this fused model has no learned gate")
+        if gate.mode == "onehot" and gate.onehot_domain not in self.domains:
+            raise ValueError(f"onehot domain {gate.onehot_domain!r} is not one of {self.domains}")
+        saved = self.config
+        self.config = saved.model_copy(update={"gate": gate.model_copy(update={"inner_size": saved.gate.inner_size})})
+        try:
+            yield self
+        finally:
+            self.config = saved
 
     # ------------------------------------------------------------------ inputs
     def align(self, messages: list[dict]) -> Aligned:
