@@ -182,7 +182,8 @@ class FusedModel(nn.Module):
     # ------------------------------------------------------------------ forward
     def gate_weights(self, hiddens: Sequence[torch.Tensor]) -> torch.Tensor:
         """N × (B, J, H_k) -> w (B, J, N), summing to 1 over specialists."""
-        B, J = hiddens[0].shape[:2]
+        present = next(h for h in hiddens if h is not None)
+        B, J = present.shape[:2]
         N = len(hiddens)
         dev = self.specialists[0].device
         mode = self.config.gate.mode
@@ -200,13 +201,20 @@ class FusedModel(nn.Module):
         dev = w.device
         z = None
         for k, o in enumerate(logits):
+            if o is None:  # a specialist a fixed one-hot gate does not use was not run
+                continue
             term = w[..., k : k + 1] * o[..., : self.vocab_size].to(dev, torch.float32)  # (B, J, V)
             z = term if z is None else z + term
         return z, w
 
     def run_specialists(self, batch: FusedBatch, caches=None) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         hiddens, logits = [], []
+        only = self.domains.index(self.config.gate.onehot_domain) if self.config.gate.mode == "onehot" else None
         for k, s in enumerate(self.specialists):
+            if only is not None and k != only:  # weight 0: its output cannot matter, so it is not computed
+                hiddens.append(None)
+                logits.append(None)
+                continue
             h, o = s.forward(
                 batch.input_ids[k],
                 batch.attention_mask[k],
@@ -225,7 +233,8 @@ class FusedModel(nn.Module):
         loss = None
         if batch.labels is not None:
             loss = fused_loss(z, batch.labels.to(z.device))
-        return FusedOutput(z, w, loss, [o[..., : self.vocab_size] for o in logits] if return_specialist_logits else None)
+        spec_logits = [None if o is None else o[..., : self.vocab_size] for o in logits]
+        return FusedOutput(z, w, loss, spec_logits if return_specialist_logits else None)
 
     # ------------------------------------------------------------------ decoding (straightforward path)
     @torch.no_grad()
