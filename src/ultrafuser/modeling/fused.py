@@ -43,6 +43,7 @@ from ultrafuser.modeling.specialists import (
     new_cache,
     resolve_model_path,
 )
+from ultrafuser.modeling.templates import validate_messages
 
 
 class Gate(nn.Module):
@@ -174,6 +175,7 @@ class FusedModel(nn.Module):
             return Aligned(input_ids=ids, target_positions=[[] for _ in ids], targets=[])
         if isinstance(prompt, str):
             prompt = [{"role": "user", "content": prompt}]
+        validate_messages(prompt, final="user")  # a prompt ends where the next reply starts
         return self.align(prompt)
 
     def collate(self, examples: Sequence[Aligned], padding_side: str = "right") -> FusedBatch:

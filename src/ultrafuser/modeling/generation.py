@@ -158,9 +158,11 @@ def stream(
         g = torch.Generator()
         g.manual_seed(p.seed if p.seed is not None else int(torch.randint(0, 2**62, (1,))))
         gens.append(g)
-    # Room left in the smallest context: a row also stops ("length") when a specialist's context is full.
-    room = min(s.context_length - max(p.lengths[k] for p in prompts) for k, s in enumerate(model.specialists))
-    limit = min(max(p.max_new_tokens for p in plist), room)
+    # Each row also stops ("length") when its prompt + reply fills any specialist's context. Positions are
+    # per row (left padding does not count), so a row's room depends only on its own prompt.
+    room = [min(s.context_length - p.lengths[k] for k, s in enumerate(model.specialists)) for p in prompts]
+    row_limit = [min(p.max_new_tokens, r) for p, r in zip(plist, room)]
+    limit = max(row_limit)
     domains = model.domains
 
     state = model.start_decoding(prompts)
@@ -174,7 +176,7 @@ def stream(
             is_stop = tid in model.stop_token_ids and not plist[b].ignore_eos
             w = {d: float(state.weights[b, k]) for k, d in enumerate(domains)} if return_weights else None
             text = row.push(tid, is_stop)
-            if not row.done and (len(row.ids) >= plist[b].max_new_tokens or step == limit - 1):
+            if not row.done and len(row.ids) >= row_limit[b]:
                 text += row.finish("length")
             if not row.done and should_stop is not None and should_stop(b):
                 text += row.finish("abort")
