@@ -45,6 +45,10 @@ def main(argv: list[str] | None = None) -> int:
     from ultrafuser.config import ConfigError
 
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # `ultrafuser eval MODEL --tasks ...` is shorthand for `ultrafuser eval run MODEL --tasks ...`
+    if len(argv) > 1 and argv[0] == "eval" and argv[1] not in ("run", "score", "-h", "--help"):
+        argv.insert(1, "run")
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,

@@ -31,10 +31,13 @@ SUMMARY_NAME = "summary.json"
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Add `eval` (a parser with subcommands) to the `ultrafuser` command."""
-    p = sub.add_parser("eval", help="evaluate: score samples (sandboxed code execution)")
+    p = sub.add_parser("eval", help="evaluate: `eval run MODEL --tasks ...` (or `eval MODEL ...`), `eval score`")
     eval_sub = p.add_subparsers(dest="eval_command", metavar="EVAL_COMMAND")
     eval_sub.required = True
     register_score(eval_sub)
+    from ultrafuser.eval.runner import register_run
+
+    register_run(eval_sub)
 
 
 def register_score(eval_sub: argparse._SubParsersAction) -> None:

@@ -40,6 +40,10 @@ class Task:
     score: Callable[[Sample, str], float] | None = None  # generate tasks: (sample, answer) -> 0..1
     max_new_tokens: int = 256
     batch_score: Callable[[list[Sample], list[str]], list[float]] | None = None  # e.g. sandboxed code
+    # Tasks with their own protocol (kinds `loglik`: the model's own probabilities, e.g. TruthfulQA-MC2;
+    # `judged`: answers graded by an LLM judge, e.g. MT-Bench, AlpacaEval): the runner calls
+    # evaluate(samples, ctx: text_tasks.EvalContext) -> text_tasks.TaskResult instead of generate + score.
+    evaluate: Callable[[list[Sample], Any], Any] | None = None
 
 
 def _read_rows(path: Path) -> list[dict]:
@@ -163,6 +167,18 @@ def _score_choice(sample: Sample, answer: str) -> float:
     return float(is_equivalent(answer, sample.reference["answer"], kind="choice"))
 
 
+def _text(name: str) -> Callable:
+    """A function of `ultrafuser.eval.text_tasks`, imported on first use (keeps this module cheap)."""
+
+    def call(*args, **kwargs):
+        from ultrafuser.eval import text_tasks
+
+        return getattr(text_tasks, name)(*args, **kwargs)
+
+    call.__name__ = name
+    return call
+
+
 TASKS: dict[str, Task] = {
     "embedded-text": Task("embedded-text", "text", "teacher_forced",
                           "token accuracy on held-out replies (greedy next token = reference)", _embedded("text")),
@@ -179,6 +195,13 @@ TASKS: dict[str, Task] = {
                      score=_score_choice, max_new_tokens=256),
     "aqua": Task("aqua", "math", "generate", "accuracy (choice letter)", _agieval("aqua", "hails/agieval-aqua-rat"),
                  score=_score_choice, max_new_tokens=256),
+    "truthfulqa-mc2": Task("truthfulqa-mc2", "text", "loglik",
+                           "MC2 (paper's Yes/No protocol: P(Yes)/(P(Yes)+P(No)) per option, mass on true ones)",
+                           _text("load_truthfulqa"), evaluate=_text("evaluate_truthfulqa"), max_new_tokens=1),
+    "alpacaeval": Task("alpacaeval", "text", "judged", "win rate vs reference (judge; tie = 1/2; errors excluded)",
+                       _text("load_alpacaeval"), evaluate=_text("evaluate_alpacaeval"), max_new_tokens=1024),
+    "mt-bench": Task("mt-bench", "text", "judged", "judge rating 1-10 per turn (per category + overall)",
+                     _text("load_mtbench"), evaluate=_text("evaluate_mtbench"), max_new_tokens=1024),
 }
 
 

@@ -1,0 +1,214 @@
+"""`ultrafuser eval run MODEL --tasks … --out DIR`: the fused model and its baselines side by side.
+
+Plan, then execute: every (model variant, task) pair is a unit of work whose per-sample results are appended
+to `DIR/generations/<variant>/<task>.jsonl` as they finish, so an interrupted run resumes where it stopped
+and a finished one recomputes its report from the cache without generating anything. Variants come from one
+loaded fused model through the same code path (`FusedModel.gate_mode`): each specialist alone
+(`specialist:DOMAIN`, a one-hot gate), uniform logit averaging (`uniform`), and the trained gate (`fused`).
+
+The report (`report.py`) is computed only from the cached files.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ultrafuser.config import ConfigError
+from ultrafuser.eval.tasks import Sample, Task, get_tasks
+
+log = logging.getLogger(__name__)
+
+
+def variant_gate(variant: str) -> str:
+    if variant == "fused":
+        return "learned"
+    if variant == "uniform":
+        return "uniform"
+    if variant.startswith("specialist:"):
+        return "onehot:" + variant.split(":", 1)[1]
+    raise ConfigError(f"unknown model variant {variant!r}: use fused, uniform or specialist:DOMAIN")
+
+
+def default_variants(model) -> list[str]:
+    out = [f"specialist:{d}" for d in model.domains] + ["uniform"]
+    if model.gate is not None:
+        out.append("fused")
+    return out
+
+
+def _read_cache(path: Path) -> dict[str, dict]:
+    done: dict[str, dict] = {}
+    if path.is_file():
+        with open(path) as f:
+            for line in f:
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:  # a torn last line after a crash: that sample is redone
+                    continue
+                done[row["id"]] = row
+    return done
+
+
+def _append(path: Path, rows: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torn = path.is_file() and path.stat().st_size > 0 and path.read_bytes()[-1:] != b"\n"
+    with open(path, "a") as f:
+        if torn:  # a crash mid-line: end that (ignored) line so new rows start on their own
+            f.write("\n")
+        for r in rows:
+            f.write(json.dumps(r) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+@torch.no_grad()
+def _teacher_forced(model, samples: list[Sample], batch_size: int) -> list[dict]:
+    rows = []
+    for i in range(0, len(samples), batch_size):
+        chunk = samples[i : i + batch_size]
+        batch = model.collate([model.align(s.messages) for s in chunk])
+        out = model(batch)
+        labels = batch.labels.to(out.logits.device)
+        mask = labels != -100
+        pred = out.logits.argmax(-1)
+        nll = torch.nn.functional.cross_entropy(out.logits.transpose(1, 2), labels.clamp(min=0), reduction="none")
+        for b, s in enumerate(chunk):
+            m = mask[b]
+            rows.append({
+                "id": s.id,
+                "correct": int((pred[b][m] == labels[b][m]).sum()),
+                "tokens": int(m.sum()),
+                "nll_sum": float(nll[b][m].sum()),
+                "gate_mean": out.gate_weights[b][m].mean(0).tolist(),
+            })
+    return rows
+
+
+def _generate(model, task: Task, samples: list[Sample], batch_size: int) -> list[dict]:
+    from ultrafuser.modeling.generation import SamplingParams, generate
+
+    prompts = [model.encode_prompt(s.messages) for s in samples]
+    outs = generate(model, prompts, SamplingParams(max_new_tokens=task.max_new_tokens))
+    return [{"id": s.id, "answer": o.text, "finish_reason": o.finish_reason, "tokens": len(o.token_ids)}
+            for s, o in zip(samples, outs)]
+
+
+def run_unit(model, variant: str, task: Task, samples: list[Sample], out_dir: Path, batch_size: int,
+             progress=None) -> Path:
+    """Fill the cache of one (variant, task) pair; return its path."""
+    path = out_dir / "generations" / variant.replace(":", "_") / f"{task.name}.jsonl"
+    done = _read_cache(path)
+    todo = [s for s in samples if s.id not in done]
+    with model.gate_mode(variant_gate(variant)):
+        for i in range(0, len(todo), batch_size):
+            chunk = todo[i : i + batch_size]
+            if task.kind == "teacher_forced":
+                rows = _teacher_forced(model, chunk, batch_size)
+            else:
+                rows = _generate(model, task, chunk, batch_size)
+            _append(path, rows)
+            if progress is not None:
+                progress(len(chunk))
+    return path
+
+
+def gate_profile(model, samples_by_domain: dict[str, list[Sample]], out_dir: Path, batch_size: int) -> Path:
+    """Teacher-forced gate weights of the trained gate on each domain's reference conversations (Table 6)."""
+    path = out_dir / "generations" / "gate" / "profile.jsonl"
+    done = _read_cache(path)
+    with model.gate_mode("learned"):
+        for domain, samples in samples_by_domain.items():
+            todo = [s for s in samples if f"{domain}/{s.id}" not in done]
+            for i in range(0, len(todo), batch_size):
+                chunk = todo[i : i + batch_size]
+                rows = _teacher_forced(model, chunk, batch_size)
+                for r in rows:
+                    r["id"] = f"{domain}/{r['id']}"
+                    r["domain"] = domain
+                _append(path, rows)
+    return path
+
+
+def reference_conversation(sample: Sample) -> list[dict] | None:
+    """The full conversation (prompt + reference answer) of a sample, when the task has one."""
+    if sample.messages and sample.messages[-1]["role"] == "assistant":
+        return sample.messages
+    ref = sample.reference.get("reference")
+    if isinstance(ref, str) and ref:
+        return sample.messages + [{"role": "assistant", "content": ref}]
+    return None
+
+
+def evaluate(model, task_names: list[str], out_dir: str, *, variants: list[str] | None = None,
+             data_dir: str = "data/benchmarks", batch_size: int = 16, limit: int | None = None,
+             progress: bool = True) -> dict[str, Any]:
+    """Run every (variant, task) pair (resuming from the cache), then write and return the report."""
+    from tqdm import tqdm
+
+    from ultrafuser.eval.report import write_report
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tasks = get_tasks(task_names)
+    variants = variants or default_variants(model)
+    for v in variants:
+        variant_gate(v)
+    samples = {t.name: t.load(data_dir)[:limit] if limit else t.load(data_dir) for t in tasks}
+    plan = {"variants": variants, "tasks": {t.name: len(samples[t.name]) for t in tasks},
+            "units": len(variants) * len(tasks), "domains": model.domains}
+    (out / "plan.json").write_text(json.dumps(plan, indent=2) + "\n")
+    log.info("evaluation plan: %s", plan)
+    total = sum(len(samples[t.name]) for t in tasks) * len(variants)
+    bar = tqdm(total=total, desc="eval", unit="sample", disable=not progress)
+    for t in tasks:
+        for v in variants:
+            bar.set_postfix_str(f"{v} / {t.name}")
+            before = len(_read_cache(out / "generations" / v.replace(":", "_") / f"{t.name}.jsonl"))
+            bar.update(min(before, len(samples[t.name])))
+            run_unit(model, v, t, samples[t.name], out, batch_size, progress=bar.update)
+    bar.close()
+    if model.gate is not None:
+        by_domain: dict[str, list[Sample]] = {}
+        for t in tasks:
+            convs = [Sample(s.id, c, {}) for s in samples[t.name] if (c := reference_conversation(s))]
+            if convs:
+                by_domain.setdefault(t.domain, []).extend(convs[:100])  # the paper: 100 samples per domain
+        gate_profile(model, by_domain, out, batch_size)
+    return write_report(out, tasks, samples, variants, model.domains, model=model)
+
+
+def register_run(eval_sub) -> None:
+    """`ultrafuser eval run MODEL --tasks … --out DIR` (also reachable as `ultrafuser eval MODEL …`)."""
+    from ultrafuser.eval.tasks import TASKS
+
+    r = eval_sub.add_parser("run", help="evaluate a fused model and its baselines on tasks; writes a report")
+    r.add_argument("model_dir")
+    r.add_argument("--tasks", required=True, help=f"comma-separated: {', '.join(TASKS)}")
+    r.add_argument("--out", required=True, help="output dir (cached generations, report.json, report.md, plots)")
+    r.add_argument("--variants", help="comma-separated: fused, uniform, specialist:DOMAIN (default: all)")
+    r.add_argument("--data-dir", default="data/benchmarks", help="local benchmark files (DIR/<task>/test.jsonl)")
+    r.add_argument("--batch-size", type=int, default=16)
+    r.add_argument("--limit", type=int, help="first N samples of each task (quick runs)")
+    r.add_argument("--device", help="move the model to this device")
+    r.set_defaults(func=_run_cli)
+
+
+def _run_cli(args) -> int:
+    from ultrafuser.modeling.cli import _quiet_transformers
+    from ultrafuser.modeling.fused import FusedModel
+
+    _quiet_transformers()
+    model = FusedModel.from_pretrained(args.model_dir)
+    if args.device:
+        model.to(args.device)
+    report = evaluate(model, [t.strip() for t in args.tasks.split(",") if t.strip()], args.out,
+                      variants=args.variants.split(",") if args.variants else None, data_dir=args.data_dir,
+                      batch_size=args.batch_size, limit=args.limit)
+    print((Path(args.out) / "report.md").read_text())
+    return 0 if report["models"] else 1
