@@ -13,11 +13,18 @@ def register(sub) -> None:
     prep = s.add_parser("prepare", help="build the plain base model from the shipped GGUF (once) and print its path")
     prep.set_defaults(func=_prepare)
     td = s.add_parser("build-text-data", help="(re)build the bundled text-domain data (self-distilled replies)")
-    td.add_argument("--n-train", type=int, default=480)
-    td.add_argument("--n-heldout", type=int, default=60)
+    td.add_argument("--n-train", type=int, default=300)
+    td.add_argument("--n-heldout", type=int, default=48)
     td.add_argument("--seed", type=int, default=0)
     td.add_argument("--out", default="data/embedded")
     td.set_defaults(func=_build_text)
+    bd = s.add_parser("build-data", help="(re)build the bundled math and code data from the generators")
+    bd.add_argument("--out", default="data/embedded")
+    bd.set_defaults(func=lambda a: print(__import__("ultrafuser.embedded.bundle", fromlist=["build"]).build(a.out)) or 0)
+    ta = s.add_parser("train-adapter", help="train a LoRA specialist of the embedded default from a recipe YAML")
+    ta.add_argument("config")
+    ta.add_argument("overrides", nargs="*", help="key=value overrides")
+    ta.set_defaults(func=lambda a: __import__("ultrafuser.embedded.adapters", fromlist=["run"]).run(a))
     try:
         from ultrafuser.embedded import mainjob
     except ImportError:  # pragma: no cover

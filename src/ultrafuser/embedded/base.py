@@ -96,3 +96,13 @@ def _build(out: Path) -> None:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes bf16 natively (avx512_bf16 or AMX). Without it PyTorch emulates bf16 and
+    it is slower than fp32 (measured ~3x on a 2-core AMD EPYC without AVX-512)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
