@@ -146,6 +146,11 @@ class DataConfig(_Frozen):
     too_long: Literal["drop", "truncate_turns"] = "drop"
     domains: list[str] | None = None  # default: the fused model's domains
 
+    @field_validator("train", mode="before")
+    @classmethod
+    def _one_or_many(cls, v: Any) -> Any:
+        return [v] if isinstance(v, str) else v
+
 
 class StageConfig(_Frozen):
     steps: int = Field(ge=0)
@@ -163,6 +168,7 @@ class StageConfig(_Frozen):
     lora_dropout: float = Field(0.0, ge=0, lt=1)
     lora_target_modules: list[str] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     cache_hidden_states: bool = False  # stage 1 only: frozen specialists' outputs computed once and reused
+    cache_max_gb: float = Field(8.0, gt=0)  # refuse a stage-1 cache estimated larger than this (per process)
     gradient_checkpointing: bool = False
 
     @model_validator(mode="after")
@@ -170,6 +176,12 @@ class StageConfig(_Frozen):
         if self.warmup_steps > self.steps > 0:
             raise ValueError(f"warmup_steps={self.warmup_steps} exceeds steps={self.steps}")
         return self
+
+
+_STAGE_DEFAULTS = {  # paper §2.1
+    "stage1": {"steps": 400, "lr": 2e-5, "per_domain": 64, "trainable": "gate"},
+    "stage2": {"steps": 0, "lr": 2e-5, "per_domain": 32, "trainable": "full"},
+}
 
 
 class TrainConfig(_Frozen):
@@ -186,6 +198,17 @@ class TrainConfig(_Frozen):
     keep_last: int = Field(2, ge=1)
     log_every: int = Field(1, ge=1)
     tensorboard: bool = False
+
+    @model_validator(mode="before")
+    @classmethod
+    def _stage_defaults(cls, data: Any) -> Any:
+        # A partial stage section (`stage2: {steps: 500}`) keeps the paper's other values for that stage.
+        if isinstance(data, dict):
+            data = dict(data)
+            for name, defaults in _STAGE_DEFAULTS.items():
+                if isinstance(data.get(name), dict):
+                    data[name] = {**defaults, **data[name]}
+        return data
 
     @model_validator(mode="after")
     def _check(self) -> "TrainConfig":

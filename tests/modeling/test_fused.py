@@ -229,3 +229,15 @@ def test_lora_specialists_share_one_base(tiny_dir):
     # adapters really change the output
     outs = model(model.collate([ex]), return_specialist_logits=True).specialist_logits
     assert not torch.allclose(outs[0], outs[1]) and not torch.allclose(outs[1], outs[2])
+
+
+def test_multi_turn_prompt_generates_from_its_last_position(paths):
+    """A generation prompt with earlier replies reads the next token at the end of the prompt, also when
+    batched with a single-turn prompt."""
+    model = fuse(paths, gate="onehot:code", templates=TEMPLATES)
+    multi = CONVS[1][:-1]  # system, user, assistant, user
+    prompts = [model.encode_prompt(multi), model.encode_prompt("Hello there")]
+    state = model.start_decoding(prompts)
+    for b, p in enumerate(prompts):
+        ref, _ = hf_logits(paths[1], p.input_ids[1])
+        assert torch.allclose(state.logits[b], ref[-1], atol=1e-4, rtol=0)

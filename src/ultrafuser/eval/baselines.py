@@ -50,7 +50,6 @@ _BENIGN_CONFIG_KEYS = {
     "_name_or_path", "name_or_path", "transformers_version", "torch_dtype", "dtype", "architectures", "use_cache",
     "bos_token_id", "eos_token_id", "pad_token_id", "output_attentions", "output_hidden_states", "return_dict",
     "_attn_implementation", "_attn_implementation_internal", "_commit_hash", "id2label", "label2id",
-    "max_position_embeddings",
 }
 
 
@@ -160,9 +159,9 @@ def average_merge(model, domains: Sequence[str] | None = None, template_of: str 
     if unknown or len(domains) < 2:
         raise MergeError(f"average merge needs at least two of the specialists {model.domains}; got {domains}")
     specs = [model.specialists[model.domains.index(d)] for d in domains]
-    lead = specs[domains.index(template_of)] if template_of else specs[0]
     if template_of and template_of not in domains:
         raise MergeError(f"template_of={template_of!r} is not one of the merged domains {domains}")
+    lead = specs[domains.index(template_of)] if template_of else specs[0]
     states = [effective_state_dict(s) for s in specs]
     check_mergeable([lead] + [s for s in specs if s is not lead],
                     [states[specs.index(lead)]] + [st for s, st in zip(specs, states) if s is not lead])
@@ -223,9 +222,9 @@ def answer_nll(model, conversations: Sequence[list[dict]], answers: Sequence[str
         labels = batch.labels.to(res.logits.device)  # (B, J)
         nll = F.cross_entropy(res.logits.transpose(1, 2), labels, ignore_index=-100, reduction="none")  # (B, J)
         for r, (i, e) in enumerate(zip(idx, ex)):
-            n = len(e.targets) - 1  # the reply's own tokens; the last target is the end-of-reply id
-            if n > 0:
-                out[i] = float(nll[r, :n].double().mean())
+            start, end = e.reply_spans[-1]  # the answer: the last reply (earlier ones are context)
+            if end - 1 > start:  # its own tokens; the span's last target is the end-of-reply id
+                out[i] = float(nll[r, start : end - 1].double().mean())
     return out
 
 
@@ -246,9 +245,9 @@ class SequenceSelector:
             raise ConfigError("selection by='judge' needs a judge (a Judge or JudgeConfig)")
         self.model, self.by, self.score_under, self.batch_size, self.seed = model, by, score_under, batch_size, seed
         if judge is not None:
-            from ultrafuser.eval.judge import Judge
+            from ultrafuser.eval.judge import Judge, JudgeConfig
 
-            judge = judge if isinstance(judge, Judge) else Judge(judge)
+            judge = Judge(judge) if isinstance(judge, JudgeConfig) else judge  # else anything with .grade()
         self.judge = judge
         self.log: list[dict] = []
         self._calls = 0

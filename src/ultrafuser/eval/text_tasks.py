@@ -117,13 +117,29 @@ def prompt_fits(model, aligned) -> bool:
     return all(n < s.context_length for s, n in zip(model.specialists, aligned.lengths))
 
 
+def encode_generation_prompt(model, conversation: list[dict]):
+    """`model.encode_prompt(conversation)` with earlier assistant replies kept as context only.
+
+    `encode_prompt` keeps a multi-turn prompt's earlier replies as *targets*, and `FusedModel.start_decoding`
+    then reads the logits at the last target position (inside the previous reply; and position 0 for the other
+    rows of a batch that mixes such prompts with single-turn ones) instead of at the end of the prompt. A
+    generation prompt has no targets, so they are dropped here: decoding starts where the prompt ends.
+    """
+    from ultrafuser.data.conversation import Aligned
+
+    a = model.encode_prompt(conversation)
+    if a.targets:
+        a = Aligned(input_ids=a.input_ids, target_positions=[[] for _ in a.input_ids], targets=[])
+    return a
+
+
 def model_answerer(model, batch_size: int = 8) -> Answerer:
     """Greedy generation with `model` under its current gate; prompts that do not fit the context -> None."""
 
     def answer(conversations: list[list[dict]], max_new_tokens: int) -> list[str | None]:
         from ultrafuser.modeling.generation import SamplingParams, generate
 
-        enc = [model.encode_prompt(c) for c in conversations]
+        enc = [encode_generation_prompt(model, c) for c in conversations]
         out: list[str | None] = [None] * len(enc)
         todo = sorted((i for i, a in enumerate(enc) if prompt_fits(model, a)), key=lambda i: max(enc[i].lengths))
         params = SamplingParams(max_new_tokens=max_new_tokens)
@@ -194,7 +210,7 @@ def yes_no_scores(model, prompts: Sequence[str], batch_size: int = 8) -> list[di
     import torch.nn.functional as F
 
     yes, no = yes_no_token_ids(model.response_tokenizer, model.vocab_size)
-    enc = [model.encode_prompt(p) for p in prompts]
+    enc = [encode_generation_prompt(model, [{"role": "user", "content": p}]) for p in prompts]
     out: list[dict | None] = [None] * len(enc)
     todo = sorted((i for i, a in enumerate(enc) if prompt_fits(model, a)), key=lambda i: max(enc[i].lengths))
     for b in range(0, len(todo), batch_size):
@@ -452,6 +468,7 @@ __all__ = [
     "EvalContext",
     "TaskResult",
     "answer_mtbench",
+    "encode_generation_prompt",
     "evaluate_alpacaeval",
     "evaluate_mtbench",
     "evaluate_truthfulqa",

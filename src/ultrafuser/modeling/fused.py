@@ -176,7 +176,9 @@ class FusedModel(nn.Module):
         if isinstance(prompt, str):
             prompt = [{"role": "user", "content": prompt}]
         validate_messages(prompt, final="user")  # a prompt ends where the next reply starts
-        return self.align(prompt)
+        ex = self.align(prompt)
+        # earlier replies are context here, not targets: generation reads the last position of each row
+        return Aligned(input_ids=ex.input_ids, target_positions=[[] for _ in ex.input_ids], targets=[])
 
     def collate(self, examples: Sequence[Aligned], padding_side: str = "right") -> FusedBatch:
         return collate(examples, [s.pad_token_id for s in self.specialists], padding_side)
