@@ -1,0 +1,125 @@
+"""The main job on the embedded default (`bash scripts/main.sh` = `ultrafuser embedded run`):
+
+1. the base: SmolLM2-135M-Instruct, rebuilt once from the shipped GGUF into a cached safetensors model;
+2. fuse the three specialists — text = the instruct model, code / math = the base + the committed LoRA
+   adapters (`models/embedded-default/adapters/`, made by `configs/embedded/adapter-*.yaml`);
+3. train: stage 1 (the gate only, frozen specialists, cached hidden states), then a brief stage 2 (the gate
+   and the specialists' LoRA adapters), balanced over the three domains (`configs/embedded/fuser.yaml`);
+4. evaluate the three specialists alone, uniform logit averaging and the trained fuser on the held-out text,
+   code and math sets (`data/embedded/*-heldout.jsonl`; `--humaneval` adds HumanEval);
+5. write `runs/embedded/report.json` (+ report.md, gate heat map, token routing) and print the table.
+
+Everything goes under `--out` (default `runs/embedded/`, git-ignored); a re-run resumes: training from its
+last checkpoint, evaluation from its cached generations.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+from ultrafuser.config import ConfigError
+
+ADAPTERS = Path("models/embedded-default/adapters")
+FUSER_CONFIG = Path("configs/embedded/fuser.yaml")
+TASKS = ["embedded-text", "embedded-code", "embedded-math"]
+
+
+def register(sub) -> None:
+    r = sub.add_parser("run", help="the main job: fuse, train (stage 1 + 2), evaluate, report")
+    r.add_argument("--out", default="runs/embedded")
+    r.add_argument("--config", default=str(FUSER_CONFIG), help="the fusion training config")
+    r.add_argument("--limit", type=int, help="evaluate only the first N held-out samples per task")
+    r.add_argument("--humaneval", action="store_true", help="also evaluate HumanEval (164 problems; --limit applies)")
+    r.add_argument("--base", default="embedded:smollm2-135m-instruct", help="base model of the three specialists")
+    r.add_argument("--adapters", default=str(ADAPTERS), help="folder with the code/ and math/ LoRA adapters")
+    r.add_argument("--data-dir", default="data/embedded", help="folder with {text,code,math}-{train,heldout}.jsonl")
+    r.add_argument("overrides", nargs="*", help="training config overrides, key=value")
+    r.set_defaults(func=run)
+
+
+def fuse(out: Path, dtype: str, base: str, adapters: Path) -> Path:
+    from ultrafuser.config import FuseConfig, GateConfig, SpecialistConfig
+    from ultrafuser.modeling.fused import fresh_gate_state, save_fused_dir
+    from ultrafuser.modeling.specialists import read_model_config, resolve_model_path
+
+    for d in ("code", "math"):
+        if not (adapters / d / "adapter_model.safetensors").is_file():
+            raise ConfigError(f"the {d} adapter is missing at {adapters / d}; make it with "
+                              f"`ultrafuser embedded train-adapter configs/embedded/adapter-{d}.yaml`")
+    specs = [SpecialistConfig(domain="text", path=base, dtype=dtype)] + [
+        SpecialistConfig(domain=d, path=base, adapter=str((adapters / d).resolve()), dtype=dtype) for d in ("code", "math")]
+    cfg = FuseConfig(specialists=specs, gate=GateConfig(mode="learned"))
+    hidden = read_model_config(resolve_model_path(base), specs[0])["hidden_size"]
+    save_fused_dir(out, cfg, fresh_gate_state(cfg, [hidden] * 3, seed=0), extra={"hidden_sizes": [hidden] * 3})
+    return out
+
+
+def run(args) -> int:
+    from ultrafuser.config import TrainConfig, load_yaml
+    from ultrafuser.embedded.base import cpu_has_native_bf16, resolve
+    from ultrafuser.eval.runner import evaluate
+    from ultrafuser.modeling.cli import _quiet_transformers
+    from ultrafuser.modeling.fused import FusedModel
+    from ultrafuser.training.loop import run as train
+
+    _quiet_transformers()
+    t0 = time.time()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    timings = {}
+    _say("1/5 base model (built once from the shipped GGUF, then cached)")
+    if args.base.startswith("embedded:"):
+        resolve(args.base.split(":", 1)[1])
+    timings["base_s"] = round(time.time() - t0, 1)
+    dtype = "bfloat16" if cpu_has_native_bf16() else "float32"
+    _say(f"2/5 fuse: text = {args.base}, code / math = the same base + LoRA adapters ({dtype})")
+    fuse(out / "fused", dtype, args.base, Path(args.adapters))
+    data = Path(args.data_dir)
+    os.environ["ULTRAFUSER_EMBEDDED_DATA"] = str(data)  # where the held-out tasks read from
+    _say("3/5 train: stage 1 (gate) then stage 2 (gate + adapters)")
+    train_files = [str(data / f"{d}-train.jsonl") for d in ("text", "code", "math")]
+    cfg = load_yaml(args.config, TrainConfig, [f"model={out / 'fused'}", f"output_dir={out / 'train'}",
+                                               f"data.train={json.dumps(train_files)}", *args.overrides])
+    t = time.time()
+    resume = (out / "train" / "checkpoints").is_dir() and any((out / "train" / "checkpoints").iterdir())
+    code = train(cfg, resume=resume)
+    if code != 0:
+        return code
+    timings["train_s"] = round(time.time() - t, 1)
+    _say("4/5 evaluate: each specialist, uniform averaging, the trained fuser")
+    t = time.time()
+    model = FusedModel.from_pretrained(out / "train" / "final")
+    tasks = TASKS + (["humaneval"] if args.humaneval else [])
+    rep = evaluate(model, tasks, str(out / "eval"), limit=args.limit, batch_size=16)
+    timings["eval_s"] = round(time.time() - t, 1)
+    _say("5/5 report")
+    report = {
+        "models": {v: {k: s[k] for k in ("text", "code", "math", "overall") if k in s} for v, s in rep["models"].items()},
+        "gate": rep["gate"],
+        "higher_is_better": True,
+        "metrics": {"text": "token accuracy on held-out replies (embedded-text)",
+                    "code": "unit-test pass rate on held-out function tasks (embedded-code)",
+                    "math": "exact final answer on held-out word problems (embedded-math)",
+                    "overall": "mean of text, code, math"},
+        "tasks": rep["models"],
+        "n_samples": rep["n_samples"],
+        "timings_s": {**timings, "total_s": round(time.time() - t0, 1)},
+        "config": str(args.config),
+        "eval_dir": "eval (cached generations: eval/generations/; the report recomputes from them)",
+    }
+    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    for f in ("report.md", "gate_heatmap.png", "routing.html", "routing.png"):
+        if (out / "eval" / f).is_file():
+            shutil.copy2(out / "eval" / f, out / f)
+    print((out / "report.md").read_text())
+    print(f"wrote {out}/report.json in {report['timings_s']['total_s']} s")
+    return 0
+
+
+def _say(msg: str) -> None:
+    print(f"[ultrafuser] {msg}", file=sys.stderr, flush=True)
