@@ -78,3 +78,22 @@ def test_unknown_task_and_missing_data_are_clear(tiny_dir, tmp_path, monkeypatch
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     with pytest.raises(ConfigError, match="gsm8k.*test.jsonl"):
         evaluate(model, ["gsm8k"], str(tmp_path / "o"), data_dir=str(tmp_path / "none"), progress=False)
+
+
+def test_whole_task_results_join_the_report(tiny_dir, tmp_path):
+    """TruthfulQA-MC2 (a log-likelihood task with its own evaluate) runs per variant and lands in the report."""
+    d = tmp_path / "bench" / "truthfulqa"
+    d.mkdir(parents=True)
+    rows = [{"question": "Is the sky green?", "mc2_targets": {"choices": ["No", "Yes", "Sometimes"], "labels": [1, 0, 0]}},
+            {"question": "What is 2+2?", "mc2_targets": {"choices": ["4", "5"], "labels": [1, 0]}}]
+    (d / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    model = FusedModel.from_config(FuseConfig(specialists=[
+        SpecialistConfig(domain="text", path=tiny_dir["text"]), SpecialistConfig(domain="code", path=tiny_dir["code"])]))
+    out = tmp_path / "eval"
+    rep = evaluate(model, ["truthfulqa-mc2"], str(out), data_dir=str(tmp_path / "bench"), progress=False)
+    assert set(rep["models"]) == {"specialist:text", "specialist:code", "uniform", "fused"}
+    for v, scores in rep["models"].items():
+        res = json.loads((out / "generations" / v.replace(":", "_") / "truthfulqa-mc2.result.json").read_text())
+        assert scores["truthfulqa-mc2"] == res["summary"]["score"] and 0 <= scores["text"] <= 1
+    # a specialist alone differs from the other one (the variants really are different models)
+    assert rep["models"]["specialist:text"]["truthfulqa-mc2"] != rep["models"]["specialist:code"]["truthfulqa-mc2"]

@@ -28,6 +28,13 @@ def _rows(path: Path) -> dict[str, dict]:
 
 def score_unit(task, samples, rows: dict[str, dict]) -> tuple[float | None, int, dict]:
     """(score, n, extra) of one (variant, task) from its cached rows."""
+    if task.evaluate is not None:  # a whole-task result file (judged / log-likelihood tasks)
+        res = rows.get("__result__")
+        if res is None:
+            return None, 0, {}
+        summ = res["summary"]
+        return summ.get("score"), int(summ.get("n_scored", summ.get("n", 0))), {
+            k: v for k, v in summ.items() if k != "score"}
     have = [s for s in samples if s.id in rows]
     if not have:
         return None, 0, {}
@@ -52,7 +59,11 @@ def write_report(out: Path, tasks, samples, variants: list[str], domains: list[s
     for v in variants:
         scores: dict[str, float] = {}
         for t in tasks:
-            rows = _rows(out / "generations" / v.replace(":", "_") / f"{t.name}.jsonl")
+            if t.evaluate is not None:
+                f = out / "generations" / v.replace(":", "_") / f"{t.name}.result.json"
+                rows = {"__result__": json.loads(f.read_text())} if f.is_file() else {}
+            else:
+                rows = _rows(out / "generations" / v.replace(":", "_") / f"{t.name}.jsonl")
             s, count, extra = score_unit(t, samples[t.name], rows)
             if s is None:
                 continue

@@ -99,9 +99,32 @@ def _generate(model, task: Task, samples: list[Sample], batch_size: int) -> list
             for s, o in zip(samples, outs)]
 
 
+def _run_whole_task(model, variant: str, task: Task, samples: list[Sample], out_dir: Path, batch_size: int,
+                    judge=None, progress=None) -> Path:
+    """Tasks with their own `evaluate` (TruthfulQA-MC2, MT-Bench, AlpacaEval): one result file per unit,
+    written atomically when the unit finishes (a unit interrupted midway is redone)."""
+    from ultrafuser.eval.text_tasks import EvalContext
+
+    path = out_dir / "generations" / variant.replace(":", "_") / f"{task.name}.result.json"
+    if path.is_file():
+        return path
+    with model.gate_mode(variant_gate(variant)):
+        res = task.evaluate(samples, EvalContext(model=model, judge=judge, batch_size=batch_size,
+                                                 max_new_tokens=task.max_new_tokens))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"summary": res.summary, "records": res.records}, default=str) + "\n")
+    tmp.replace(path)
+    if progress is not None:
+        progress(len(samples))
+    return path
+
+
 def run_unit(model, variant: str, task: Task, samples: list[Sample], out_dir: Path, batch_size: int,
-             progress=None) -> Path:
+             progress=None, judge=None) -> Path:
     """Fill the cache of one (variant, task) pair; return its path."""
+    if task.evaluate is not None:
+        return _run_whole_task(model, variant, task, samples, out_dir, batch_size, judge, progress)
     path = out_dir / "generations" / variant.replace(":", "_") / f"{task.name}.jsonl"
     done = _read_cache(path)
     todo = [s for s in samples if s.id not in done]
@@ -147,7 +170,7 @@ def reference_conversation(sample: Sample) -> list[dict] | None:
 
 def evaluate(model, task_names: list[str], out_dir: str, *, variants: list[str] | None = None,
              data_dir: str = "data/benchmarks", batch_size: int = 16, limit: int | None = None,
-             progress: bool = True) -> dict[str, Any]:
+             progress: bool = True, judge=None) -> dict[str, Any]:
     """Run every (variant, task) pair (resuming from the cache), then write and return the report."""
     from tqdm import tqdm
 
@@ -171,7 +194,7 @@ def evaluate(model, task_names: list[str], out_dir: str, *, variants: list[str] 
             bar.set_postfix_str(f"{v} / {t.name}")
             before = len(_read_cache(out / "generations" / v.replace(":", "_") / f"{t.name}.jsonl"))
             bar.update(min(before, len(samples[t.name])))
-            run_unit(model, v, t, samples[t.name], out, batch_size, progress=bar.update)
+            run_unit(model, v, t, samples[t.name], out, batch_size, progress=bar.update, judge=judge)
     bar.close()
     if model.gate is not None:
         by_domain: dict[str, list[Sample]] = {}
@@ -196,6 +219,9 @@ def register_run(eval_sub) -> None:
     r.add_argument("--batch-size", type=int, default=16)
     r.add_argument("--limit", type=int, help="first N samples of each task (quick runs)")
     r.add_argument("--device", help="move the model to this device")
+    r.add_argument("--judge-base-url", help="OpenAI-compatible judge endpoint (mt-bench, alpacaeval)")
+    r.add_argument("--judge-model", help="the judge's model name")
+    r.add_argument("--judge-api-key-env", default="OPENAI_API_KEY", help="env var holding the judge's key")
     r.set_defaults(func=_run_cli)
 
 
@@ -207,7 +233,13 @@ def _run_cli(args) -> int:
     model = FusedModel.from_pretrained(args.model_dir)
     if args.device:
         model.to(args.device)
-    report = evaluate(model, [t.strip() for t in args.tasks.split(",") if t.strip()], args.out,
+    judge = None
+    if args.judge_base_url:
+        from ultrafuser.eval.judge import JudgeConfig
+
+        judge = JudgeConfig(base_url=args.judge_base_url, model=args.judge_model or "judge",
+                            api_key_env=args.judge_api_key_env)
+    report = evaluate(model, [t.strip() for t in args.tasks.split(",") if t.strip()], args.out, judge=judge,
                       variants=args.variants.split(",") if args.variants else None, data_dir=args.data_dir,
                       batch_size=args.batch_size, limit=args.limit)
     print((Path(args.out) / "report.md").read_text())
