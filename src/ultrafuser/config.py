@@ -89,7 +89,7 @@ class GateConfig(_Frozen):
     inner_size: int = Field(512, ge=1)
 
     @model_validator(mode="after")
-    def _check(self) -> "GateConfig":
+    def _check(self) -> GateConfig:
         if self.mode == "onehot" and not self.onehot_domain:
             raise ValueError("gate mode 'onehot' needs onehot_domain (e.g. --gate onehot:code)")
         if self.mode != "onehot" and self.onehot_domain:
@@ -97,7 +97,7 @@ class GateConfig(_Frozen):
         return self
 
     @classmethod
-    def parse(cls, spec: str) -> "GateConfig":
+    def parse(cls, spec: str) -> GateConfig:
         """Parse the CLI form: `learned`, `uniform` or `onehot:DOMAIN`."""
         if spec.startswith("onehot:"):
             return cls(mode="onehot", onehot_domain=spec.split(":", 1)[1])
@@ -115,7 +115,7 @@ class FuseConfig(_Frozen):
     response_tokenizer: int = 0  # index of the specialist whose tokenizer tokenizes replies (all must agree)
 
     @model_validator(mode="after")
-    def _check(self) -> "FuseConfig":
+    def _check(self) -> FuseConfig:
         if not self.specialists:
             raise ValueError("a fused model needs at least one specialist (--specialist DOMAIN=PATH)")
         domains = [s.domain for s in self.specialists]
@@ -172,7 +172,7 @@ class StageConfig(_Frozen):
     gradient_checkpointing: bool = False
 
     @model_validator(mode="after")
-    def _check(self) -> "StageConfig":
+    def _check(self) -> StageConfig:
         if self.warmup_steps > self.steps > 0:
             raise ValueError(f"warmup_steps={self.warmup_steps} exceeds steps={self.steps}")
         return self
@@ -211,7 +211,7 @@ class TrainConfig(_Frozen):
         return data
 
     @model_validator(mode="after")
-    def _check(self) -> "TrainConfig":
+    def _check(self) -> TrainConfig:
         if self.stage1.trainable != "gate":
             raise ValueError("stage1.trainable must be 'gate' (stage 1 trains only the gate, paper §2.1)")
         if self.stage2.trainable == "gate":

@@ -16,8 +16,9 @@ This is the one public function that training, evaluation and serving use.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -48,7 +49,7 @@ class Aligned:
         return lab
 
 
-def _encode_prompt(renderer: "PromptRenderer", text: str, first: bool) -> list[int]:
+def _encode_prompt(renderer: PromptRenderer, text: str, first: bool) -> list[int]:
     tok = renderer.tokenizer
     ids = tok(text, add_special_tokens=False)["input_ids"]
     if first and tok.bos_token_id is not None and not text.startswith(tok.bos_token or "\0"):
@@ -61,7 +62,7 @@ def _encode_prompt(renderer: "PromptRenderer", text: str, first: bool) -> list[i
 
 def align_conversation(
     messages: list[dict],
-    renderers: Sequence["PromptRenderer"],
+    renderers: Sequence[PromptRenderer],
     response_tokenizer,
     eos_token_id: int,
 ) -> Aligned:
@@ -100,13 +101,13 @@ def align_conversation(
 class FusedBatch:
     """A batch of aligned conversations as tensors, one set per specialist (shapes in comments)."""
 
-    input_ids: list["torch.Tensor"]  # N × (B, L_k)
-    attention_mask: list["torch.Tensor"]  # N × (B, L_k)
-    position_ids: list["torch.Tensor"]  # N × (B, L_k)
-    gather_index: list["torch.Tensor"]  # N × (B, J): positions whose outputs are mixed
-    labels: "torch.Tensor | None"  # (B, J) shared targets, -100 on padding (None for generation)
+    input_ids: list[torch.Tensor]  # N × (B, L_k)
+    attention_mask: list[torch.Tensor]  # N × (B, L_k)
+    position_ids: list[torch.Tensor]  # N × (B, L_k)
+    gather_index: list[torch.Tensor]  # N × (B, J): positions whose outputs are mixed
+    labels: torch.Tensor | None  # (B, J) shared targets, -100 on padding (None for generation)
 
-    def to(self, devices: Sequence) -> "FusedBatch":
+    def to(self, devices: Sequence) -> FusedBatch:
         return FusedBatch(
             input_ids=[x.to(d) for x, d in zip(self.input_ids, devices)],
             attention_mask=[x.to(d) for x, d in zip(self.attention_mask, devices)],

@@ -91,10 +91,9 @@ def build(n_train: int, n_heldout: int, out_dir: str, seed: int = 0, max_new_tok
     from tqdm import tqdm
 
     from ultrafuser.config import FuseConfig, GateConfig, SpecialistConfig
+    from ultrafuser.embedded.base import cpu_has_native_bf16
     from ultrafuser.modeling.fused import FusedModel
     from ultrafuser.modeling.generation import SamplingParams, generate
-
-    from ultrafuser.embedded.base import cpu_has_native_bf16
 
     teacher = "embedded:smollm2-135m-instruct"
     dtype = "bfloat16" if cpu_has_native_bf16() else "float32"

@@ -61,8 +61,7 @@ def _append(path: Path, rows: list[dict]) -> None:
     with open(path, "a") as f:
         if torn:  # a crash mid-line: end that (ignored) line so new rows start on their own
             f.write("\n")
-        for r in rows:
-            f.write(json.dumps(r) + "\n")
+        f.writelines(json.dumps(r) + "\n" for r in rows)
         f.flush()
         os.fsync(f.fileno())
 

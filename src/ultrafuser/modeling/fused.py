@@ -25,13 +25,13 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
 from ultrafuser.config import FORMAT_VERSION, FUSED_CONFIG_NAME, GATE_WEIGHTS_NAME, FuseConfig, GateConfig
 from ultrafuser.data.conversation import IGNORE_INDEX, Aligned, FusedBatch, align_conversation, collate
@@ -104,7 +104,7 @@ class FusedModel(nn.Module):
 
     # ------------------------------------------------------------------ construction
     @classmethod
-    def from_config(cls, config: FuseConfig, base_dir: str | os.PathLike | None = None) -> "FusedModel":
+    def from_config(cls, config: FuseConfig, base_dir: str | os.PathLike | None = None) -> FusedModel:
         eos_text = config.eos_token
         specs = load_specialists(config.specialists, base_dir=base_dir, eos_text=None)
         ref = specs[config.response_tokenizer].tokenizer
@@ -242,7 +242,7 @@ class FusedModel(nn.Module):
 
     # ------------------------------------------------------------------ decoding (straightforward path)
     @torch.no_grad()
-    def start_decoding(self, prompts: Sequence[Aligned]) -> "DecodeState":
+    def start_decoding(self, prompts: Sequence[Aligned]) -> DecodeState:
         """Prefill every specialist's cache with left-padded prompts; return the state and first outputs."""
         batch = self.collate(prompts, padding_side="left").to([s.device for s in self.specialists])
         caches = [new_cache(s.model) for s in self.specialists]
@@ -251,7 +251,7 @@ class FusedModel(nn.Module):
         return DecodeState(caches, batch.attention_mask, [p[:, -1:] for p in batch.position_ids], z[:, -1], w[:, -1])
 
     @torch.no_grad()
-    def decode_step(self, state: "DecodeState", tokens: torch.Tensor) -> "DecodeState":
+    def decode_step(self, state: DecodeState, tokens: torch.Tensor) -> DecodeState:
         """Append `tokens` (B,) to every specialist and compute the next fused logits (B, V)."""
         ids, masks, pos = [], [], []
         for k, s in enumerate(self.specialists):
@@ -274,7 +274,7 @@ class FusedModel(nn.Module):
                               "hidden_sizes": [s.hidden_size for s in self.specialists]})
 
     @classmethod
-    def from_pretrained(cls, model_dir: str | os.PathLike) -> "FusedModel":
+    def from_pretrained(cls, model_dir: str | os.PathLike) -> FusedModel:
         config, meta = read_fused_config(model_dir)
         model = cls.from_config(config, base_dir=model_dir)
         if model.gate is not None:
@@ -304,7 +304,7 @@ def fused_loss(z: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 # --------------------------------------------------------------------------------------------- files
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -341,7 +341,7 @@ def save_fused_dir(out_dir, config: FuseConfig, gate_state: dict | None, extra: 
         meta = {"format_version": FORMAT_VERSION, "config": json.loads(cfg.model_dump_json()), **extra}
         if gate_state is not None:
             save_file({k: v.detach().cpu().contiguous() for k, v in gate_state.items()}, str(tmp / GATE_WEIGHTS_NAME))
-            meta["gate_sha256"] = _sha256(tmp / GATE_WEIGHTS_NAME)
+            meta["gate_sha256"] = sha256_file(tmp / GATE_WEIGHTS_NAME)
         # keep files that already live in the target dir (e.g. fine-tuned specialists) unless replaced
         if out.is_dir():
             for child in out.iterdir():
@@ -350,16 +350,21 @@ def save_fused_dir(out_dir, config: FuseConfig, gate_state: dict | None, extra: 
         for name, src in (extra_files or {}).items():
             shutil.copytree(src, tmp / name) if Path(src).is_dir() else shutil.copy2(src, tmp / name)
         (tmp / FUSED_CONFIG_NAME).write_text(json.dumps(meta, indent=2) + "\n")
-        if out.exists():
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            out.rename(old)
-            tmp.rename(out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(out)
+        replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def replace_dir(tmp: Path, out: Path) -> None:
+    """Put a fully written directory `tmp` in place of `out` by renames (never a half-written `out`)."""
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        out.rename(old)
+        tmp.rename(out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        tmp.rename(out)
 
 
 def read_fused_config(model_dir) -> tuple[FuseConfig, dict]:
@@ -395,7 +400,7 @@ def load_gate_weights(model_dir, meta: dict) -> dict[str, torch.Tensor]:
     if not p.is_file():
         raise LoadError(f"{str(model_dir)!r} has a learned gate but no {GATE_WEIGHTS_NAME}; re-run `ultrafuser fuse` or training")
     want = meta.get("gate_sha256")
-    if want is None or _sha256(p) != want:
+    if want is None or sha256_file(p) != want:
         raise LoadError(
             f"{str(p)!r} does not match the checksum recorded in {FUSED_CONFIG_NAME} (tampered, corrupted or replaced);"
             " refusing to load it. Restore it from the training output or re-create the directory."
@@ -420,4 +425,4 @@ def fresh_gate_state(config: FuseConfig, hidden_sizes: Sequence[int], seed: int 
         return Gate(hidden_sizes, config.gate.inner_size).state_dict()
 
 
-__all__ = ["FusedModel", "FusedOutput", "Gate", "GateConfig", "fused_loss", "DecodeState"]
+__all__ = ["DecodeState", "FusedModel", "FusedOutput", "Gate", "GateConfig", "fused_loss"]

@@ -10,8 +10,8 @@ gate weights that produced each token.
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Iterator, Sequence
 
 import torch
 
@@ -111,7 +111,11 @@ class _Row:
 
 def _pick(logits: torch.Tensor, params: Sequence[SamplingParams], gens: list) -> torch.Tensor:
     """logits (B, V) fp32 -> next token ids (B,)."""
-    from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+    from transformers.generation.logits_process import (
+        TemperatureLogitsWarper,
+        TopKLogitsWarper,
+        TopPLogitsWarper,
+    )
 
     out = torch.empty(logits.size(0), dtype=torch.long)
     for b, p in enumerate(params):

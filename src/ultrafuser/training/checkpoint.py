@@ -25,7 +25,6 @@ Non-finite values are refused at save time.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import random
@@ -38,6 +37,7 @@ import numpy as np
 import torch
 
 from ultrafuser.config import ConfigError
+from ultrafuser.modeling.fused import sha256_file as _sha256
 from ultrafuser.training.faults import fault
 
 CKPT_FORMAT = 1
@@ -60,12 +60,6 @@ def checkpoint_name(step: int) -> str:
 # --------------------------------------------------------------------------------------------- files
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _fsync_file(path: Path) -> None:

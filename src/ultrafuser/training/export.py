@@ -20,7 +20,7 @@ import os
 import shutil
 from pathlib import Path
 
-from ultrafuser.modeling.fused import save_fused_dir
+from ultrafuser.modeling.fused import replace_dir, save_fused_dir
 
 
 def _abs_ref(ref: str | None, base_dir) -> str | None:
@@ -84,13 +84,7 @@ def export_fused(model, out_dir: str | os.PathLike, *, base_dir, trained: str | 
         meta = {"vocab_size": model.vocab_size, "eos_token_id": model.eos_token_id,
                 "hidden_sizes": [s.hidden_size for s in model.specialists], **extra}
         save_fused_dir(tmp, cfg, gate, extra=meta)
-        if out.exists():
-            old = out.parent / f".{out.name}.old-{os.getpid()}"
-            out.rename(old)
-            tmp.rename(out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(out)
+        replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
