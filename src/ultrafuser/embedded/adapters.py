@@ -142,7 +142,20 @@ def train_adapter(recipe: AdapterRecipe, config_path: str | None = None) -> dict
         "torch": torch.__version__,
     }
     (out_dir / "recipe.json").write_text(json.dumps(info, indent=2) + "\n")
+    scrub_adapter_dir(out_dir, recipe.base)
     return info
+
+
+def scrub_adapter_dir(out_dir: Path, base: str) -> None:
+    """PEFT records the base's local path (a cache folder of this machine) in adapter_config.json and a model
+    card; the committed adapter names the base portably (`embedded:…`) and carries no machine path."""
+    cfg_path = out_dir / "adapter_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["base_model_name_or_path"] = base
+    cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+    card = out_dir / "README.md"
+    if card.is_file():
+        card.unlink()
 
 
 def run(args) -> int:
