@@ -37,6 +37,7 @@ def small_data(tmp_path):
     return d
 
 
+@pytest.mark.slow  # ~3 min idle, ~11 min on a loaded 2-core machine: run with `scripts/test.sh -m slow`
 def test_main_job_reduced(tiny_dir, small_data, tmp_path):
     adapters = tmp_path / "adapters"
     make_lora(tiny_dir["text"], adapters / "code", seed=11)
@@ -103,3 +104,22 @@ def test_bundled_data_splits_are_disjoint():
         assert len(held) >= 40 and len(train) >= 800
         assert not {r["messages"][0]["content"] for r in train} & {r["messages"][0]["content"] for r in held}
         assert all(r["domain"] == d and r["task"]["type"] == d for r in train + held)
+
+
+@pytest.mark.parametrize("domain", ["code", "math"])
+def test_committed_adapters_load_and_differ_from_base(domain):
+    """The committed adapter is a valid safetensors LoRA whose update B·A is non-zero (so it changes the base),
+    recorded with its recipe, and names the base portably."""
+    from safetensors.torch import load_file
+
+    d = REPO / "models" / "embedded-default" / "adapters" / domain
+    cfg = json.loads((d / "adapter_config.json").read_text())
+    assert cfg["base_model_name_or_path"] == "embedded:smollm2-135m-instruct" and cfg["r"] == 8
+    w = load_file(str(d / "adapter_model.safetensors"))
+    a = {k: v for k, v in w.items() if "lora_A" in k}
+    assert len(a) == 30 * 7  # 30 layers x 7 linear layers
+    delta = max(float((w[k.replace("lora_A", "lora_B")].float() @ v.float()).abs().max()) for k, v in a.items())
+    assert delta > 1e-3
+    rec = json.loads((d / "recipe.json").read_text())
+    assert rec["recipe"]["seed"] == 0 and rec["command"].endswith(f"adapter-{domain}.yaml")
+    assert rec["final_loss_mean_last5"] < rec["first_loss"]
