@@ -81,6 +81,12 @@ def run(args) -> int:
     fuse(out / "fused", dtype, args.base, Path(args.adapters))
     data = Path(args.data_dir)
     os.environ["ULTRAFUSER_EMBEDDED_DATA"] = str(data)  # where the held-out tasks read from
+    if not (data / "text-train.jsonl").is_file() or not (data / "text-heldout.jsonl").is_file():
+        # The text domain's replies are self-distilled from the text specialist; built once, then reused.
+        from ultrafuser.embedded.textdata import build as build_text
+
+        _say(f"    building the text-domain data once into {data} (self-distilled replies; slow on a CPU)")
+        build_text(300, 48, str(data))
     _say("3/5 train: stage 1 (gate) then stage 2 (gate + adapters)")
     train_files = [str(data / f"{d}-train.jsonl") for d in ("text", "code", "math")]
     cfg = load_yaml(args.config, TrainConfig, [f"model={out / 'fused'}", f"output_dir={out / 'train'}",
