@@ -1,0 +1,744 @@
+"""Fast fused decoding: the same tokens as `FusedModel.start_decoding/decode_step`, at a fraction of the cost.
+
+    dec = FastFusedDecoder(model, max_batch=16, max_len=1024)
+    out = dec.generate(prompts, SamplingParams(max_new_tokens=128))     # like generation.generate
+    for events in dec.stream(prompts, params): ...                        # like generation.stream
+    for events in fast.stream(model, prompts, params): ...                # fast path when supported, else reference
+
+What it does differently from the straightforward path (see `fast_llama.py` for the decoder itself):
+
+- specialists are partitioned into *groups* that run as one batch: specialists of identical architecture on one
+  device are stacked (one `bmm` per projection), LoRA specialists sharing a base run all their rows through the
+  base weights once plus batched low-rank deltas; the gate and the fusion are the core's own `FusedModel.mix`;
+- KV caches are static buffers, allocated once for (max_batch, max_len);
+- on CUDA the whole step — every group, the gate, the fusion and the greedy / sampling pick, plus the position
+  and cache-slot increments — is captured as one CUDA graph per (batch, attention-length bucket, pick mode) and
+  the step's token is fed back on the device, so the host enqueues step t+1 before reading token t: exactly one
+  host sync per step (an event wait for the token ids);
+- with specialists on several devices, each device replays its own graph (they run concurrently), the hidden
+  states and logits move to the fusing device, and the picked token moves back; on the CPU, groups can run in
+  threads (`threads=True`), which is how the per-device path is tested without GPUs.
+
+Sampling: on the CPU the pick is the reference's own `_pick` with the same per-row seeded generators, so sampled
+tokens are identical too. On CUDA the default is an in-graph sampler (temperature → top-k → top-p with the
+Hugging Face warpers' semantics, then Gumbel-max with a counter-based hash of (seed, step, token)): seeded and
+independent of the batch, but a different random stream than the reference; `sampler="reference"` gives the
+reference's exact samples at one extra sync per step.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+
+from ultrafuser.data.conversation import Aligned
+from ultrafuser.modeling.fast_llama import Group, Unsupported, _is_lora, describe
+from ultrafuser.modeling.fast_sample import _M32, device_sample
+from ultrafuser.modeling.generation import (
+    Completion,
+    PromptTooLongError,
+    SamplingParams,
+    TokenEvent,
+    _pick,
+    _Row,
+)
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "FastFusedDecoder",
+    "Unsupported",
+    "device_sample",
+    "fast_decoder_for",
+    "generate",
+    "maybe_stream",
+    "reference_stream",
+    "release",
+    "stream",
+]
+
+
+_GREEDY = SamplingParams()  # the default request, as in generation.stream
+
+
+# --------------------------------------------------------------------------------------------- state
+
+
+class _BatchState:
+    """Static buffers for one batch size (graphs read and write only these)."""
+
+    def __init__(self, dec: FastFusedDecoder, B: int):
+        self.B = B
+        fd = dec.fuse_device
+        N = len(dec.model.specialists)
+        V = dec.model.vocab_size
+        long = {"dtype": torch.long}
+        self.tok = {d: torch.zeros(B, device=d, **long) for d in dec.runner_devices | {fd}}
+        self.pos, self.pad, self.cur, self.hout, self.lout, self.hm, self.lm = [], [], [], [], [], [], []
+        for g in dec.groups:
+            a, dev = g.arch, g.device
+            self.pos.append(torch.zeros((g.G, B), device=dev, **long))
+            self.pad.append(torch.zeros((B, g.G), device=dev, **long))
+            self.cur.append(torch.zeros(1, device=dev, **long))
+            self.hout.append(torch.zeros((g.G, B, a.hidden), device=dev, dtype=a.dtype))
+            self.lout.append(torch.zeros((g.G, B, a.vocab_rows), device=dev, dtype=a.dtype))
+            remote = dev != fd
+            self.hm.append(torch.zeros_like(self.hout[-1], device=fd) if remote else self.hout[-1])
+            self.lm.append(torch.zeros_like(self.lout[-1], device=fd) if remote else self.lout[-1])
+        self.cur_host = [0] * len(dec.groups)
+        self.z = torch.zeros((B, V), device=fd)
+        self.w = torch.zeros((B, N), device=fd)
+        self.temp = torch.zeros(B, device=fd)
+        self.top_p = torch.ones(B, device=fd)
+        self.top_k = torch.zeros(B, device=fd, **long)
+        self.seed = torch.zeros(B, device=fd, **long)
+        self.step = torch.zeros(1, device=fd, **long)
+        self.graphs: dict = {}
+        # host ring of the last two steps' token ids (and gate weights) for the pipelined loop
+        pin = _is_cuda(fd)
+        self.tok_host = torch.zeros((2, B), dtype=torch.long, pin_memory=pin)
+        self.w_host = torch.zeros((2, B, N), pin_memory=pin)
+        self.events = [torch.cuda.Event(), torch.cuda.Event()] if pin else None
+
+    def mutable(self) -> list[torch.Tensor]:
+        return list(self.tok.values()) + self.pos + self.cur + [self.step]
+
+
+def _is_cuda(d) -> bool:
+    return torch.device(d).type == "cuda"
+
+
+def _norm_device(d) -> torch.device:
+    """`cuda` -> `cuda:<current>` so that devices compare equal to tensors' devices."""
+    d = torch.device(d)
+    if d.type == "cuda" and d.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return d
+
+
+# --------------------------------------------------------------------------------------------- decoder
+
+
+class FastFusedDecoder:
+    """Static-cache, batched, graph-captured decoding for a `FusedModel` (see the module docstring).
+
+    max_batch / max_len: the largest batch and prompt+generation length (in each group's padded slots).
+    devices: a device per specialist (default: where it lives; weights are copied when it differs).
+    groups: an explicit partition of specialist indices (default: by shared base, then by architecture+device).
+    weights: "copy" (stacked, fused q|k|v and gate|up copies: fastest), "refs" (read the models' own weights:
+      no extra memory) or "auto" (copy where it fits: always on the CPU, on CUDA when free memory allows).
+    cuda_graphs: default on when everything is on CUDA; "emulate" runs the graph code path (warm-up, state
+      snapshot/restore, one "graph" per device and key, attention buckets) eagerly on any device — for tests.
+    threads: run groups concurrently in threads on the CPU (default: only when the groups are on different
+      devices). pipeline: enqueue step t+1 before reading token t (default: with CUDA graphs).
+    sampler: "reference" (host `_pick`, identical samples to the reference path), "device" (in-graph, see
+      `device_sample`) or "auto" (reference on the CPU, device on CUDA). bucket: attention-length granularity
+      of the captured graphs.
+    """
+
+    def __init__(
+        self,
+        model,
+        max_batch: int = 8,
+        max_len: int = 1024,
+        *,
+        devices: Sequence | None = None,
+        groups: Sequence[Sequence[int]] | None = None,
+        weights: str = "auto",
+        cuda_graphs: bool | str | None = None,
+        threads: bool | None = None,
+        pipeline: bool | None = None,
+        sampler: str = "auto",
+        bucket: int = 128,
+    ):
+        if weights not in ("auto", "copy", "refs"):
+            raise ValueError(f"weights={weights!r}: use auto, copy or refs")
+        if sampler not in ("auto", "reference", "device"):
+            raise ValueError(f"sampler={sampler!r}: use auto, reference or device")
+        self.model = model
+        specs = model.specialists
+        self.devices = [
+            _norm_device(d) for d in (devices if devices is not None else [s.device for s in specs])
+        ]
+        if len(self.devices) != len(specs):
+            raise ValueError(f"devices: {len(self.devices)} given for {len(specs)} specialists")
+        self.fuse_device = _norm_device(specs[0].device)  # where FusedModel.mix puts the fused logits
+        all_cuda = all(_is_cuda(d) for d in self.devices) and _is_cuda(self.fuse_device)
+        self.emulate = cuda_graphs == "emulate"
+        self.use_graphs = self.emulate or (all_cuda if cuda_graphs is None else bool(cuda_graphs))
+        if self.use_graphs and not (all_cuda or self.emulate):
+            raise ValueError("cuda_graphs=True needs every specialist and the gate on CUDA devices")
+        self.pipeline = self.use_graphs if pipeline is None else bool(pipeline)
+        self.bucket = bucket if self.use_graphs else 1
+        self.max_batch = max_batch
+        self.max_len = int(math.ceil(max_len / self.bucket) * self.bucket)
+        self.sampler = (
+            sampler if sampler != "auto" else ("device" if all_cuda and self.use_graphs else "reference")
+        )
+        self._weights_arg = weights
+        self._groups_arg = groups
+        self._build()
+        n_dev = len({g.device for g in self.groups})
+        self.threads = (n_dev > 1 and not all_cuda) if threads is None else bool(threads)
+        self._pool = ThreadPoolExecutor(len(self.groups)) if self.threads and len(self.groups) > 1 else None
+        self._states: dict[int, _BatchState] = {}
+        self._graph_pools: dict = {}
+
+    # ------------------------------------------------------------------ construction
+    def _partition(self) -> list[list[int]]:
+        specs = self.model.specialists
+        if self._groups_arg is not None:
+            parts = [list(p) for p in self._groups_arg]
+            flat = sorted(i for p in parts for i in p)
+            if flat != list(range(len(specs))):
+                raise ValueError(f"groups {parts} must partition the specialist indices 0..{len(specs) - 1}")
+            return parts
+        by_model: dict = {}
+        for k, s in enumerate(specs):
+            by_model.setdefault((id(s.model), str(self.devices[k])), []).append(k)
+        parts, singles = [], {}
+        for ks in by_model.values():
+            if len(ks) > 1 or sum(s.model is specs[ks[0]].model for s in specs) > 1:
+                parts.append(ks)  # a shared base (LoRA specialists)
+            else:
+                k = ks[0]
+                key = (describe(specs[k].model, self.max_len), str(self.devices[k]))
+                singles.setdefault(key, []).append(k)
+        parts += list(singles.values())
+        return sorted(parts, key=min)
+
+    def _weights_mode(self, ks: list[int]) -> str:
+        if self._weights_arg != "auto":
+            return self._weights_arg
+        dev = self.devices[ks[0]]
+        models = {id(self.model.specialists[k].model): self.model.specialists[k].model for k in ks}
+        if any(p.device != dev for m in models.values() for p in m.parameters()):
+            return "copy"
+        if not _is_cuda(dev):
+            return "copy"
+        need = sum(
+            p.numel() * p.element_size()
+            for m in models.values()
+            for n, p in m.named_parameters()
+            if "lora_" not in n
+        )
+        free, _ = torch.cuda.mem_get_info(dev)
+        return "copy" if need * 1.15 + (2 << 30) < free else "refs"
+
+    def _build(self) -> None:
+        specs = self.model.specialists
+        for s in specs:
+            describe(s.model, self.max_len)
+            if not s._tuner_layers and (s.adapter is not None or any(_is_lora(m) for m in s.model.modules())):
+                # the reference would run whatever adapter PEFT has active: not a state we can mirror
+                raise Unsupported(
+                    f"specialist {s.domain!r}: LoRA layers whose adapter state it does not manage"
+                )
+        self.groups: list[Group] = []
+        self.members: list[list[int]] = []
+        for ks in self._partition():
+            devs = {str(self.devices[k]) for k in ks}
+            if len(devs) != 1:
+                raise ValueError(f"group {ks} spans devices {sorted(devs)}")
+            mode = self._weights_mode(ks)
+            g = Group(
+                [(specs[k].model, specs[k].adapter) for k in ks],
+                self.devices[ks[0]],
+                mode,
+                self.max_batch,
+                self.max_len,
+            )
+            self.groups.append(g)
+            self.members.append(ks)
+        self.slot = {k: (gi, j) for gi, ks in enumerate(self.members) for j, k in enumerate(ks)}
+        self.runner_devices = {g.device for g in self.groups}
+        self._fingerprint = self._current_fingerprint()
+        self._states = {}
+
+    def _current_fingerprint(self):
+        seen, fp = set(), []
+        for s in self.model.specialists:
+            if id(s.model) in seen:
+                continue
+            seen.add(id(s.model))
+            fp += [(p.data_ptr(), p._version) for p in s.model.parameters()]
+        return tuple(fp)
+
+    def refresh(self) -> None:
+        """Re-read the specialists' weights (done automatically when they changed in place or moved)."""
+        self._build()
+
+    @property
+    def weight_modes(self) -> list[str]:
+        return ["copy" if g.copy else "refs" for g in self.groups]
+
+    def describe_groups(self) -> list[dict]:
+        return [
+            {
+                "specialists": [self.model.specialists[k].domain for k in ks],
+                "device": str(g.device),
+                "shared_base": g.shared,
+                "weights": "copy" if g.copy else "refs",
+            }
+            for ks, g in zip(self.members, self.groups)
+        ]
+
+    # ------------------------------------------------------------------ one step, in pieces
+    def _run_groups(self, st: _BatchState, gis: list[int], t_attn: list[int]) -> None:
+        """Decode one token in the given groups (all on one device) and advance their positions."""
+        for gi in gis:
+            g = self.groups[gi]
+            h, lg = g.decode(st.tok[g.device], st.pos[gi], st.pad[gi], st.cur[gi], t_attn[gi])
+            st.hout[gi].copy_(h)
+            st.lout[gi].copy_(lg)
+            st.pos[gi].add_(1)
+            st.cur[gi].add_(1)
+
+    def _fuse(self, st: _BatchState, pick: str) -> None:
+        """Gate + fusion (the core's `mix`) and the pick; writes z, w and (unless the host picks) the token."""
+        hs, ls = [None] * len(self.slot), [None] * len(self.slot)
+        for k, (gi, j) in self.slot.items():
+            hs[k] = st.hm[gi][j].unsqueeze(1)  # (B, 1, H)
+            ls[k] = st.lm[gi][j].unsqueeze(1)  # (B, 1, V_k)
+        z, w = self.model.mix(hs, ls)  # (B, 1, V) fp32, (B, 1, N)
+        z, w = z[:, 0], w[:, 0]
+        st.z.copy_(z)
+        st.w.copy_(w)
+        fd = self.fuse_device
+        if pick == "greedy":
+            st.tok[fd].copy_(z.argmax(-1))
+        elif pick == "device":
+            st.tok[fd].copy_(device_sample(z, st.temp, st.top_k, st.top_p, st.seed, st.step))
+        st.step.add_(1)
+
+    def _to_fuse_device(self, st: _BatchState) -> None:
+        for gi, g in enumerate(self.groups):
+            if st.hm[gi] is not st.hout[gi]:
+                st.hm[gi].copy_(st.hout[gi], non_blocking=True)
+                st.lm[gi].copy_(st.lout[gi], non_blocking=True)
+
+    def _tok_to_runners(self, st: _BatchState) -> None:
+        src = st.tok[self.fuse_device]
+        for t in st.tok.values():
+            if t is not src:
+                t.copy_(src, non_blocking=True)
+
+    def _runners(self) -> list[tuple]:
+        """[(device, key, [group index])]: one graph per device (per group when emulating with threads, so that the
+        multi-device sequence runs on one CPU)."""
+        out: dict = {}
+        for gi, g in enumerate(self.groups):
+            key = (str(g.device), gi) if (self.emulate and self.threads) else (str(g.device),)
+            out.setdefault(key, (g.device, key, []))[2].append(gi)
+        return list(out.values())
+
+    def _t_attn(self, st: _BatchState) -> list[int]:
+        # attend over the filled slots, rounded up to the bucket (one captured graph per bucket)
+        return [min(self.max_len, int(math.ceil((c + 1) / self.bucket) * self.bucket)) for c in st.cur_host]
+
+    def _eager_step(self, st: _BatchState, pick: str) -> None:
+        t_attn = self._t_attn(st)
+        if self._pool is not None:
+            futs = [self._pool.submit(self._run_groups, st, [gi], t_attn) for gi in range(len(self.groups))]
+            for f in futs:
+                f.result()
+        else:
+            self._run_groups(st, list(range(len(self.groups))), t_attn)
+        self._to_fuse_device(st)
+        self._fuse(st, pick)
+        self._tok_to_runners(st)
+        st.cur_host = [c + 1 for c in st.cur_host]
+
+    def _capture(self, st: _BatchState, key, device, fn) -> torch.cuda.CUDAGraph:
+        g = st.graphs.get(key)
+        if g is not None:
+            return g
+        if self.emulate:  # the same warm-up / restore sequence, replayed eagerly
+            snap = [t.clone() for t in st.mutable()]
+            fn()
+            for t, s in zip(st.mutable(), snap):
+                t.copy_(s)
+            st.graphs[key] = g = _EagerGraph(fn)
+            return g
+        if device not in self._graph_pools:
+            self._graph_pools[device] = torch.cuda.graph_pool_handle()
+        snap = [t.clone() for t in st.mutable()]
+        cur = torch.cuda.current_stream(device)
+        side = torch.cuda.Stream(device)
+        side.wait_stream(cur)
+        with torch.cuda.stream(side):
+            fn()  # warm-up (lazy inits, cuBLAS workspaces); its state changes are undone below
+        cur.wait_stream(side)
+        for t, s in zip(st.mutable(), snap):
+            t.copy_(s)
+        side.wait_stream(cur)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g, pool=self._graph_pools[device], stream=side):
+            fn()
+        cur.wait_stream(side)
+        st.graphs[key] = g
+        return g
+
+    def _graph_step(self, st: _BatchState, pick: str) -> None:
+        t_attn = self._t_attn(st)
+        runners = self._runners()
+        fd = self.fuse_device
+        if len(runners) == 1 and runners[0][0] == fd:  # the common case: the whole step is one graph
+            gis = runners[0][2]
+
+            def whole():
+                self._run_groups(st, gis, t_attn)
+                self._fuse(st, pick)
+
+            with _on_device(fd):
+                self._capture(st, ("all", tuple(t_attn), pick, self._gate_key()), fd, whole).replay()
+        else:
+            for d, key, gis in runners:  # each device's graph runs concurrently with the others
+                with _on_device(d):
+                    self._capture(
+                        st,
+                        key + tuple(t_attn[gi] for gi in gis),
+                        d,
+                        lambda gis=gis: self._run_groups(st, gis, t_attn),
+                    ).replay()
+            self._to_fuse_device(st)
+            with _on_device(fd):
+                self._capture(st, ("fuse", pick, self._gate_key()), fd, lambda: self._fuse(st, pick)).replay()
+            self._tok_to_runners(st)
+        st.cur_host = [c + 1 for c in st.cur_host]
+
+    def _gate_key(self) -> tuple:
+        g = self.model.config.gate  # FusedModel.gate_mode(...) may switch it between requests
+        return (g.mode, g.onehot_domain)
+
+    def _step(self, st: _BatchState, pick: str) -> None:
+        (self._graph_step if self.use_graphs else self._eager_step)(st, pick)
+
+    # ------------------------------------------------------------------ prefill
+    def _prefill(self, st: _BatchState, prompts: Sequence[Aligned], pick: str) -> None:
+        B = len(prompts)
+        jobs = []
+        for gi, (g, ks) in enumerate(zip(self.groups, self.members)):
+            T = max(len(p.input_ids[k]) for p in prompts for k in ks)
+            ids = torch.zeros((g.G, B, T), dtype=torch.long)
+            mask = torch.zeros((g.G, B, T), dtype=torch.long)
+            for j, k in enumerate(ks):
+                pad_id = self.model.specialists[k].pad_token_id
+                ids[j].fill_(pad_id)
+                for b, p in enumerate(prompts):
+                    seq = p.input_ids[k]
+                    ids[j, b, T - len(seq) :] = torch.tensor(seq, dtype=torch.long)
+                    mask[j, b, T - len(seq) :] = 1
+            lens = mask.sum(-1)  # (G, B)
+            st.pos[gi].copy_(lens)  # the next token's position = number of real tokens
+            st.pad[gi].copy_((T - lens).t())
+            st.cur[gi].fill_(T)
+            st.cur_host[gi] = T
+            jobs.append((gi, ids.to(g.device, non_blocking=True), mask.to(g.device, non_blocking=True)))
+
+        def run(job):
+            gi, ids, mask = job
+            h, lg = self.groups[gi].prefill(ids, mask)
+            st.hout[gi].copy_(h)
+            st.lout[gi].copy_(lg)
+
+        if self._pool is not None:
+            list(self._pool.map(run, jobs))
+        else:
+            for j in jobs:
+                run(j)
+        st.step.zero_()
+        self._to_fuse_device(st)
+        self._fuse(st, pick)
+        self._tok_to_runners(st)
+
+    # ------------------------------------------------------------------ generation
+    def _state(self, B: int) -> _BatchState:
+        if self._current_fingerprint() != self._fingerprint:
+            log.info("specialist weights changed since the fast decoder was built: re-reading them")
+            self._build()
+        if B not in self._states:
+            self._states[B] = _BatchState(self, B)
+        return self._states[B]
+
+    def capacity_error(self, prompts: Sequence[Aligned], new_tokens: int) -> str | None:
+        """Why this request does not fit the decoder's static buffers, or None."""
+        if len(prompts) > self.max_batch:
+            return f"batch {len(prompts)} > max_batch {self.max_batch}"
+        for ks in self.members:
+            T = max(len(p.input_ids[k]) for p in prompts for k in ks)
+            if T + new_tokens - 1 > self.max_len:
+                return f"{T} prompt slots + {new_tokens} new tokens > max_len {self.max_len}"
+        return None
+
+    @torch.no_grad()
+    def stream(
+        self,
+        prompts: Sequence[Aligned],
+        params: SamplingParams | Sequence[SamplingParams] = _GREEDY,
+        *,
+        return_weights: bool = False,
+        should_stop=None,
+    ) -> Iterator[list[TokenEvent]]:
+        """Same contract and events as `generation.stream` (stop tokens and strings, lengths, aborts, weights)."""
+        model = self.model
+        plist = list(params) if isinstance(params, (list, tuple)) else [params] * len(prompts)
+        if len(plist) != len(prompts):
+            raise ValueError("one SamplingParams per prompt, or one for all")
+        for p in prompts:
+            for s, n in zip(model.specialists, p.lengths):
+                if n >= s.context_length:
+                    raise PromptTooLongError(
+                        f"the prompt is {n} tokens for specialist {s.domain!r}, whose context is {s.context_length}; "
+                        "shorten it (the fused context is the smallest specialist's)"
+                    )
+        tok = model.response_tokenizer
+        rows = [_Row(tok, p.stop) for p in plist]
+        gens = []
+        for p in plist:  # the same draws from the global RNG as the reference path
+            g = torch.Generator()
+            g.manual_seed(p.seed if p.seed is not None else int(torch.randint(0, 2**62, (1,))))
+            gens.append(g)
+        # as generation.stream: a row also stops ("length") when its prompt + reply fills a specialist's context
+        row_limit = _row_limits(model, prompts, plist)
+        limit = max(row_limit)
+        err = self.capacity_error(prompts, limit)
+        if err:
+            raise ValueError(f"request does not fit this FastFusedDecoder: {err}")
+        domains = model.domains
+        B = len(prompts)
+        st = self._state(B)
+        greedy = all(p.temperature == 0 for p in plist)
+        pick = "greedy" if greedy else ("host" if self.sampler == "reference" else "device")
+        if pick == "device":
+            fd = self.fuse_device
+            st.temp.copy_(torch.tensor([p.temperature for p in plist], device=fd))
+            st.top_k.copy_(torch.tensor([p.top_k for p in plist], device=fd))
+            st.top_p.copy_(torch.tensor([p.top_p for p in plist], device=fd))
+            st.seed.copy_(
+                torch.tensor(
+                    [(g.initial_seed() & _M32) ^ ((g.initial_seed() >> 32) & _M32) for g in gens], device=fd
+                )
+            )
+
+        pipelined = self.pipeline and pick != "host"
+
+        def host_pick():
+            ids = _pick(st.z, plist, gens)  # the reference's own pick, same generators
+            st.tok[self.fuse_device].copy_(ids)
+            self._tok_to_runners(st)
+
+        def enqueue_copy(i):  # device token (and weights) of step i -> pinned host slot i % 2
+            st.tok_host[i % 2].copy_(st.tok[self.fuse_device], non_blocking=True)
+            if return_weights:
+                st.w_host[i % 2].copy_(st.w, non_blocking=True)
+            if st.events is not None:
+                st.events[i % 2].record()
+
+        self._prefill(st, prompts, pick)
+        if pick == "host":
+            host_pick()
+        if pipelined:
+            enqueue_copy(0)
+        for step in range(limit):
+            if pipelined:
+                if step + 1 < limit:
+                    self._step(st, pick)  # step+1 is computed while the host handles token `step`
+                    enqueue_copy(step + 1)
+                if st.events is not None:
+                    st.events[step % 2].synchronize()  # the one host sync of this step
+                next_ids = st.tok_host[step % 2].tolist()
+                wts = st.w_host[step % 2] if return_weights else None
+            else:
+                next_ids = st.tok[self.fuse_device].tolist()
+                wts = st.w.cpu() if return_weights else None
+            events = []
+            for b, row in enumerate(rows):
+                if row.done:
+                    continue
+                tid = int(next_ids[b])
+                is_stop = tid in model.stop_token_ids and not plist[b].ignore_eos
+                w = {d: float(wts[b, k]) for k, d in enumerate(domains)} if return_weights else None
+                text = row.push(tid, is_stop)
+                if not row.done and len(row.ids) >= row_limit[b]:
+                    text += row.finish("length")
+                if not row.done and should_stop is not None and should_stop(b):
+                    text += row.finish("abort")
+                events.append(TokenEvent(b, tid, text, w, row.finish_reason if row.done else None, is_stop))
+            if events:
+                yield events
+            if all(r.done for r in rows):
+                return
+            if not pipelined:
+                self._step(st, pick)
+                if pick == "host":
+                    host_pick()
+
+    # ------------------------------------------------------------------ teacher-forced steps (parity checks)
+    @torch.no_grad()
+    def start_decoding(self, prompts: Sequence[Aligned]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Like `FusedModel.start_decoding`: prefill; return (fused logits (B, V), gate weights (B, N)) — copies."""
+        err = self.capacity_error(prompts, 1)
+        if err:
+            raise ValueError(f"request does not fit this FastFusedDecoder: {err}")
+        self._forced = st = self._state(len(prompts))
+        self._prefill(st, prompts, "host")
+        return st.z.clone(), st.w.clone()
+
+    @torch.no_grad()
+    def decode_step(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Like `FusedModel.decode_step`: append `tokens` (B,) and return the next (logits, weights)."""
+        st = self._forced
+        if max(st.cur_host) >= self.max_len:
+            raise ValueError(f"max_len {self.max_len} reached")
+        st.tok[self.fuse_device].copy_(tokens)
+        self._tok_to_runners(st)
+        self._step(st, "host")
+        return st.z.clone(), st.w.clone()
+
+    def generate(
+        self,
+        prompts: Sequence[Aligned],
+        params: SamplingParams | Sequence[SamplingParams] = _GREEDY,
+        return_weights: bool = False,
+    ) -> list[Completion]:
+        """Same as `generation.generate`: one `Completion` (text, token_ids, finish_reason, …) per prompt."""
+        return _collect(self.stream(prompts, params, return_weights=return_weights), prompts)
+
+    def generate_ids(self, prompts: Sequence[Aligned], params: SamplingParams = _GREEDY) -> list[list[int]]:
+        return [c.token_ids for c in self.generate(prompts, params)]
+
+
+class _EagerGraph:
+    """Stands in for a captured graph in `cuda_graphs="emulate"` mode."""
+
+    def __init__(self, fn):
+        self.replay = fn
+
+
+def _on_device(d):
+    import contextlib
+
+    return torch.cuda.device(d) if _is_cuda(d) else contextlib.nullcontext()
+
+
+def _row_limits(model, prompts, plist) -> list[int]:
+    """New tokens each row may produce: its max_new_tokens, within every specialist's context (per row: positions
+    ignore left padding), exactly as generation.stream."""
+    room = [min(s.context_length - p.lengths[k] for k, s in enumerate(model.specialists)) for p in prompts]
+    return [min(p.max_new_tokens, r) for p, r in zip(plist, room)]
+
+
+def _collect(events_iter, prompts) -> list[Completion]:
+    out = [Completion("", [], "length", p.input_ids) for p in prompts]
+    for events in events_iter:
+        for e in events:
+            c = out[e.row]
+            c.text += e.text
+            if not e.is_eos:
+                c.token_ids.append(e.token_id)
+            if e.weights is not None:
+                c.weights.append(e.weights)
+            if e.finish_reason:
+                c.finish_reason = e.finish_reason
+    return out
+
+
+# --------------------------------------------------------------------------------------------- automatic choice
+
+# The cached decoder lives on the model itself (it refers back to the model, so a weak-key table would never free
+# either); the model and its decoder go away together.
+_ATTR, _NO = "_ultrafuser_fast_decoder", "_ultrafuser_fast_unsupported"
+
+
+def fast_decoder_for(model, batch: int, length: int) -> FastFusedDecoder | None:
+    """A cached `FastFusedDecoder` for `model` big enough for (batch, length), or None where the fast path does
+    not support the model (the reason is logged once at INFO and kept in `model._ultrafuser_fast_unsupported`)."""
+    if model.__dict__.get(_NO):
+        return None
+    dec = model.__dict__.get(_ATTR)
+    if dec is not None and dec.max_batch >= batch and dec.max_len >= length:
+        return dec
+    mb = max(batch, dec.max_batch if dec else 1)
+    ml = max(int(math.ceil(length / 256) * 256), dec.max_len if dec else 0)
+    model.__dict__.pop(_ATTR, None)
+    dec = None  # free the old static caches before allocating bigger ones
+    try:
+        dec = FastFusedDecoder(model, max_batch=mb, max_len=ml)
+    except Unsupported as e:
+        log.info("fast decoding unavailable for this fused model (%s); using the reference path", e)
+        model.__dict__[_NO] = str(e)
+        return None
+    model.__dict__[_ATTR] = dec
+    return dec
+
+
+def release(model) -> None:
+    """Drop the cached fast decoder of `model` (its static caches and weight copies)."""
+    model.__dict__.pop(_ATTR, None)
+    model.__dict__.pop(_NO, None)
+
+
+def reference_stream(model, prompts, params=_GREEDY, **kw) -> Iterator[list[TokenEvent]]:
+    """The core's straightforward path (`generation.stream`), never the fast one."""
+    import inspect
+
+    from ultrafuser.modeling import generation
+
+    if "fast" in inspect.signature(generation.stream).parameters:
+        kw["fast"] = False
+    return generation.stream(model, prompts, params, **kw)
+
+
+def maybe_stream(
+    model, prompts: Sequence[Aligned], params=_GREEDY, *, return_weights: bool = False, should_stop=None
+) -> Iterator[list[TokenEvent]] | None:
+    """The fast path's event iterator when it supports this model and request, else None."""
+    plist = list(params) if isinstance(params, (list, tuple)) else [params] * len(prompts)
+    if not prompts or any(m.training for m in model.models):
+        return None  # specialists in training mode (dropout): the reference path
+    if model.config.gate.mode == "onehot":
+        return None  # a one-hot baseline: the reference path runs only that specialist
+    new = max(_row_limits(model, prompts, plist))
+    if new <= 0:
+        return None  # the reference path raises PromptTooLongError with its message
+    length = max(max(p.lengths) for p in prompts) + new
+    dec = fast_decoder_for(model, len(prompts), length)
+    if dec is None or dec.capacity_error(prompts, new):
+        return None
+    return dec.stream(prompts, params, return_weights=return_weights, should_stop=should_stop)
+
+
+def stream(
+    model,
+    prompts: Sequence[Aligned],
+    params=_GREEDY,
+    *,
+    return_weights: bool = False,
+    should_stop=None,
+    fast: bool | None = None,
+) -> Iterator[list[TokenEvent]]:
+    """`generation.stream` through the fast path where supported (fast=None), always (True) or never (False)."""
+    it = (
+        None
+        if fast is False
+        else maybe_stream(model, prompts, params, return_weights=return_weights, should_stop=should_stop)
+    )
+    if it is None:
+        if fast:
+            raise Unsupported(
+                f"the fast path does not support this model or request: "
+                f"{model.__dict__.get(_NO) or 'batch or length beyond its buffers'}"
+            )
+        it = reference_stream(model, prompts, params, return_weights=return_weights, should_stop=should_stop)
+    return it
+
+
+def generate(
+    model, prompts: Sequence[Aligned], params=_GREEDY, return_weights: bool = False, fast: bool | None = None
+) -> list[Completion]:
+    return _collect(stream(model, prompts, params, return_weights=return_weights, fast=fast), prompts)

@@ -1,0 +1,476 @@
+"""A compact Llama-family decoder that runs G specialists of one architecture as one batch.
+
+It reads the Hugging Face weights of Llama / Mistral / Qwen2 models (RMSNorm, RoPE with each specialist's own
+`inv_freq` — so its own `rope_theta` and static scaling —, GQA, SwiGLU, optional q/k/v/o/MLP biases) and PEFT
+LoRA adapters, and computes exactly what `Specialist.forward` computes, in a layout made for decoding:
+
+- activations are specialist-major, `(G, B, T, H)`: every projection is one batched matmul over the G members;
+- a *stacked* group (G distinct models of identical shape) runs `bmm` over weights stacked as `(G, out, in)`
+  with q|k|v and gate|up fused into one matrix each (weights="copy"), or reads each model's own weights in place
+  (weights="refs": no extra memory, G matmuls per projection, everything else still batched);
+- a *shared* group (G specialists = one base model + per-specialist LoRA adapters, or none) multiplies all
+  G×B rows by the base weights at once — the base is read once per step — and adds the low-rank deltas of
+  every member with two small `bmm`s (batched LoRA; a member without an adapter has zero A/B rows);
+- the KV cache is static: per layer `(B_max, G, H_kv, T_max, D)`, batch-major so that a `[:B]` slice stays
+  contiguous; the decode step writes slot `cur` (a device tensor, so the step can be captured in a CUDA graph)
+  and attends over the first `T_attn` slots with a mask built from each row's left padding.
+
+Numerics follow the Hugging Face modules (RMSNorm in fp32 then cast, cos/sin in fp32 then cast, softmax in
+fp32, LoRA in the adapter's dtype then cast back), so fp32 greedy tokens match the reference path.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+_SEQ_DEPENDENT_ROPE = ("dynamic", "longrope")
+NEG_INF = float("-inf")
+# On the CPU, matmuls with at most this many rows use the (in, out) copies, more rows the models' own
+# (out, in) weights: MKL measured 1.7-2.2x faster the first way at 1-3 rows and ~1.25x slower at 12 rows.
+CPU_FEW_ROWS = 3
+
+
+class Unsupported(ValueError):
+    """The fast path cannot run this model exactly; the caller falls back to the reference path."""
+
+
+def text_config(model):
+    cfg = model.config
+    return cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+
+
+def _is_lora(m) -> bool:
+    return hasattr(m, "base_layer") and hasattr(m, "lora_A") and hasattr(m, "lora_B")
+
+
+def _base_linear(m) -> nn.Linear:
+    b = m.base_layer if _is_lora(m) else m
+    if type(b) is not nn.Linear:
+        raise Unsupported(
+            f"projection of type {type(b).__name__} (only nn.Linear and PEFT LoRA on nn.Linear)"
+        )
+    return b
+
+
+@dataclass(frozen=True)
+class Arch:
+    """Everything two models must share to run as one batched group."""
+
+    model_type: str
+    layers: int
+    hidden: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    inter: int
+    vocab_rows: int
+    eps: float
+    tied: bool
+    qkv_bias: bool
+    o_bias: bool
+    mlp_bias: bool
+    dtype: torch.dtype
+
+
+def describe(model, max_len: int | None = None) -> Arch:
+    """The model's architecture signature; raises `Unsupported` with the reason when the fast path can't run it."""
+    cfg = text_config(model)
+    mt = getattr(cfg, "model_type", None)
+    if mt not in SUPPORTED_MODEL_TYPES:
+        raise Unsupported(f"model_type {mt!r} (fast path supports {', '.join(SUPPORTED_MODEL_TYPES)})")
+    if getattr(cfg, "hidden_act", "silu") != "silu":
+        raise Unsupported(f"hidden_act {cfg.hidden_act!r}")
+    if getattr(cfg, "pretraining_tp", 1) not in (1, None):
+        raise Unsupported("pretraining_tp > 1")
+    sw = getattr(cfg, "sliding_window", None)
+    layer_types = getattr(cfg, "layer_types", None) or []
+    uses_sw = sw is not None and (
+        mt == "mistral"
+        or "sliding_attention" in layer_types
+        or (mt == "qwen2" and getattr(cfg, "use_sliding_window", False))
+    )
+    if uses_sw and (max_len is None or sw < max_len):
+        raise Unsupported(f"sliding-window attention (window {sw}) shorter than the decode length {max_len}")
+    inner = getattr(model, "model", None)
+    if inner is None or not hasattr(inner, "layers") or not hasattr(inner, "rotary_emb"):
+        raise Unsupported(f"{type(model).__name__} has no .model.layers / rotary_emb")
+    rope_type = getattr(inner.rotary_emb, "rope_type", "default")
+    if rope_type in _SEQ_DEPENDENT_ROPE:
+        raise Unsupported(f"rope_type {rope_type!r} depends on the sequence length")
+    emb, head = model.get_input_embeddings(), model.get_output_embeddings()
+    if type(emb) is not nn.Embedding or type(head) is not nn.Linear or head.bias is not None:
+        raise Unsupported("embedding / LM head are adapted or not plain (LoRA on them is not supported)")
+    if getattr(model, "logits_scaling", None) or getattr(cfg, "final_logit_softcapping", None):
+        raise Unsupported("logit post-processing")
+    L0 = inner.layers[0]
+    att, mlp = L0.self_attn, L0.mlp
+    for extra in ("q_norm", "k_norm"):
+        if getattr(att, extra, None) is not None:
+            raise Unsupported(f"attention with {extra}")
+    heads = cfg.num_attention_heads
+    kv = getattr(cfg, "num_key_value_heads", None) or heads
+    hd = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+    if (
+        _base_linear(att.q_proj).out_features != heads * hd
+        or _base_linear(att.k_proj).out_features != kv * hd
+    ):
+        raise Unsupported("projection shapes do not match the config's heads × head_dim")
+    for L in inner.layers:
+        for n in ("input_layernorm", "post_attention_layernorm"):
+            if not hasattr(getattr(L, n), "variance_epsilon"):
+                raise Unsupported(f"{n} is not an RMSNorm")
+    w = head.weight
+    return Arch(
+        model_type=mt,
+        layers=len(inner.layers),
+        hidden=cfg.hidden_size,
+        heads=heads,
+        kv_heads=kv,
+        head_dim=hd,
+        inter=_base_linear(mlp.gate_proj).out_features,
+        vocab_rows=w.shape[0],
+        eps=float(L0.input_layernorm.variance_epsilon),
+        tied=head.weight is emb.weight,
+        qkv_bias=any(_base_linear(getattr(att, p)).bias is not None for p in ("q_proj", "k_proj", "v_proj")),
+        o_bias=_base_linear(att.o_proj).bias is not None,
+        mlp_bias=any(
+            _base_linear(getattr(mlp, p)).bias is not None for p in ("gate_proj", "up_proj", "down_proj")
+        ),
+        dtype=w.dtype,
+    )
+
+
+def lora_parts(m, adapter: str | None):
+    """(A (r, in), B (out, r), scaling) of `adapter` on a projection, or None; raises for variants we can't run."""
+    if adapter is None or not _is_lora(m) or adapter not in m.lora_A:
+        return None
+    if getattr(m, "merged", False):
+        raise Unsupported("merged LoRA adapters")
+    if adapter in getattr(m, "lora_variant", {}) or getattr(m, "use_dora", {}).get(adapter, False):
+        raise Unsupported("LoRA variants (DoRA, …)")
+    A, B = m.lora_A[adapter], m.lora_B[adapter]
+    if type(A) is not nn.Linear or type(B) is not nn.Linear or B.bias is not None or A.bias is not None:
+        raise Unsupported("LoRA with biases or non-linear adapters")
+    return A.weight, B.weight, float(m.scaling[adapter])
+
+
+class Proj:
+    """One projection, or several sharing their input (q|k|v, gate|up), for the G members of a group.
+
+    `parts[g][j]` is member g's j-th module (nn.Linear or PEFT LoRA Linear); `adapters[g]` its adapter name.
+    Call with x (G, M, in) -> (G, M, sum of out).
+    """
+
+    def __init__(self, parts, adapters, shared: bool, copy: bool, device, dtype):
+        G = len(parts)
+        self.G, self.shared, self.copy = G, shared, copy
+        bases = [[_base_linear(m) for m in p] for p in parts]
+        self.outs = [b.out_features for b in bases[0]]
+        out, inp = sum(self.outs), bases[0][0].in_features
+        srcs = bases[:1] if shared else bases
+        has_bias = any(b.bias is not None for bs in srcs for b in bs)
+        if copy:
+            W = torch.empty((len(srcs), out, inp), device=device, dtype=dtype)
+            bias = torch.zeros((len(srcs), out), device=device, dtype=dtype) if has_bias else None
+            for g, bs in enumerate(srcs):
+                o = 0
+                for b in bs:
+                    W[g, o : o + b.out_features].copy_(b.weight)
+                    if b.bias is not None:
+                        bias[g, o : o + b.out_features].copy_(b.bias)
+                    o += b.out_features
+            self.b = None if bias is None else (bias[0] if shared else bias)
+            # Layout: on the CPU the copies are stored (in, out) — MKL's few-row matmuls measured 1.7-2.2x faster
+            # that way at M = 1..3 than nn.Linear's (out, in); on CUDA the nn.Linear layout (cuBLAS' M=1 kernels).
+            cpu = torch.device(device).type == "cpu"
+            self.W = None
+            if shared:
+                if cpu:
+                    self.Wt = W[0].t().contiguous()  # (in, out)
+                else:
+                    self.W, self.Wt = W[0], None  # (out, in): F.linear, like the HF module
+            else:
+                self.Wt = W.transpose(1, 2).contiguous() if cpu else W.transpose(1, 2)  # (G, in, out)
+            del W
+        in_place = all(
+            b.weight.device == torch.device(device) and b.weight.dtype == dtype for bs in srcs for b in bs
+        )
+        if not copy and not in_place:
+            raise Unsupported("weights='refs' needs every weight on the decode device in the group dtype")
+        self.refs = [[(b.weight, b.bias) for b in bs] for bs in srcs] if in_place else None
+        # many rows on the CPU: the models' own weights (see CPU_FEW_ROWS)
+        self.many_rows_refs = copy and in_place and torch.device(device).type == "cpu"
+        # batched LoRA: A (G, in, R), B (G, R, out), per-output-column scale (G, 1, out); zeros where absent
+        found = [[lora_parts(m, a) for m in p] for p, a in zip(parts, adapters)]
+        self.lora = None
+        if any(x is not None for f in found for x in f):
+            ldt = next(x[0].dtype for f in found for x in f if x is not None)
+            R = max(sum(x[0].shape[0] for x in f if x is not None) for f in found)
+            A = torch.zeros((G, inp, R), device=device, dtype=ldt)
+            Bm = torch.zeros((G, R, out), device=device, dtype=ldt)
+            S = torch.zeros((G, 1, out), device=device, dtype=ldt)
+            for g, f in enumerate(found):
+                r0, o0 = 0, 0
+                for x, n_out in zip(f, self.outs):
+                    if x is not None:
+                        a, bw, s = x
+                        r = a.shape[0]
+                        A[g, :, r0 : r0 + r].copy_(a.t())
+                        Bm[g, r0 : r0 + r, o0 : o0 + n_out].copy_(bw.t())
+                        S[g, 0, o0 : o0 + n_out] = s
+                        r0 += r
+                    o0 += n_out
+            self.lora = (A, Bm, S)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.copy and not (
+            self.many_rows_refs and x.shape[1] * (self.G if self.shared else 1) > CPU_FEW_ROWS
+        ):
+            if self.shared and self.W is not None:
+                y = F.linear(x, self.W, self.b)  # all G×M rows through the one base: (G, M, out)
+            elif self.shared:
+                G, M, _ = x.shape
+                x2 = x.reshape(G * M, -1)
+                y = (torch.mm(x2, self.Wt) if self.b is None else torch.addmm(self.b, x2, self.Wt)).view(
+                    G, M, -1
+                )
+            elif self.b is None:
+                y = torch.bmm(x, self.Wt)  # (G, M, out)
+            else:
+                y = torch.baddbmm(self.b.unsqueeze(1), x, self.Wt)
+        elif self.shared:
+            r = self.refs[0]
+            y = F.linear(x, *r[0]) if len(r) == 1 else torch.cat([F.linear(x, w, b) for w, b in r], -1)
+        else:
+            y = torch.stack(
+                [
+                    torch.cat([F.linear(x[g], w, b) for w, b in r], -1)
+                    if len(r) > 1
+                    else F.linear(x[g], *r[0])
+                    for g, r in enumerate(self.refs)
+                ]
+            )
+        if self.lora is not None:
+            A, Bm, S = self.lora
+            d = torch.bmm(torch.bmm(x.to(A.dtype), A), Bm) * S  # (G, M, out)
+            y = (y + d).to(y.dtype)
+        return y
+
+
+class Group:
+    """G specialists of one architecture on one device, decoded as one batch (see the module docstring)."""
+
+    def __init__(self, members, device, weights: str, max_batch: int, max_len: int):
+        """members: [(hf_model, adapter_name | None)]; weights: 'copy' or 'refs'."""
+        models = [m for m, _ in members]
+        adapters = [a for _, a in members]
+        self.G = G = len(members)
+        self.shared = all(m is models[0] for m in models)
+        if not self.shared and len({id(m) for m in models}) != G:
+            raise ValueError("a stacked group needs distinct models (share a base via LoRA instead)")
+        self.arch = a = describe(models[0], max_len)
+        for m in models[1:]:
+            if describe(m, max_len) != a:
+                raise ValueError("members of a group must have identical architectures")
+        self.device = torch.device(device)
+        # on the CPU every op follows the HF modules exactly (fp32 parity); on CUDA RMSNorm is one fused kernel
+        self.fused_norm = self.device.type == "cuda" and hasattr(F, "rms_norm")
+        dt, copy = a.dtype, weights == "copy"
+        self.copy = copy
+        self.rep = a.heads // a.kv_heads
+        self.scaling = a.head_dim**-0.5
+        dev = self.device
+
+        def stack_vec(get):  # (G, 1, 1, H): tiny per-member vectors are always copied
+            return torch.stack([get(m).detach().to(dev, dt) for m in models]).view(G, 1, 1, -1)
+
+        self.layers = []
+        for i in range(a.layers):
+            Ls = [m.model.layers[i] for m in models]
+            self.layers.append(
+                {
+                    "ln1": stack_vec(lambda m, i=i: m.model.layers[i].input_layernorm.weight),
+                    "ln2": stack_vec(lambda m, i=i: m.model.layers[i].post_attention_layernorm.weight),
+                    "qkv": Proj(
+                        [[L.self_attn.q_proj, L.self_attn.k_proj, L.self_attn.v_proj] for L in Ls],
+                        adapters,
+                        self.shared,
+                        copy,
+                        dev,
+                        dt,
+                    ),
+                    "o": Proj([[L.self_attn.o_proj] for L in Ls], adapters, self.shared, copy, dev, dt),
+                    "gu": Proj(
+                        [[L.mlp.gate_proj, L.mlp.up_proj] for L in Ls], adapters, self.shared, copy, dev, dt
+                    ),
+                    "down": Proj([[L.mlp.down_proj] for L in Ls], adapters, self.shared, copy, dev, dt),
+                }
+            )
+        self.norm = stack_vec(lambda m: m.model.norm.weight)
+        src = models[:1] if self.shared else models
+        embs = [m.get_input_embeddings().weight for m in src]
+        heads = [m.get_output_embeddings().weight for m in src]
+        if copy:
+            self.emb = torch.stack([e.detach().to(dev, dt) for e in embs])  # (G', V, H)
+            self.head = self.emb if a.tied else torch.stack([h.detach().to(dev, dt) for h in heads])
+            # the LM head as the right operand (G', H, V): contiguous on the CPU (see Proj), a view on CUDA
+            on_cpu = dev.type == "cpu"
+            self.head_t = self.head.transpose(1, 2).contiguous() if on_cpu else self.head.transpose(1, 2)
+            if on_cpu and not a.tied:
+                self.head = None
+        else:
+            for t in embs + heads:
+                if t.device != dev or t.dtype != dt:
+                    raise Unsupported(
+                        "weights='refs' needs every weight on the decode device in the group dtype"
+                    )
+        if all(t.device == dev and t.dtype == dt for t in embs + heads):
+            self.emb_refs, self.head_refs = embs, heads
+        else:
+            self.emb_refs = self.head_refs = None
+        rot = [m.model.rotary_emb for m in models]
+        self.inv_freq = torch.stack([r.inv_freq.detach().float().to(dev) for r in rot]).view(G, 1, 1, -1)
+        att = [float(getattr(r, "attention_scaling", 1.0)) for r in rot]
+        self.att_scale = (
+            None if all(s == 1.0 for s in att) else torch.tensor(att, device=dev).view(G, 1, 1, 1)
+        )
+        self.max_batch, self.max_len = max_batch, max_len
+        shape = (max_batch, G, a.kv_heads, max_len, a.head_dim)
+        self.k_cache = [torch.zeros(shape, device=dev, dtype=dt) for _ in range(a.layers)]
+        self.v_cache = [torch.zeros(shape, device=dev, dtype=dt) for _ in range(a.layers)]
+
+    # ------------------------------------------------------------------ pieces
+    def cache_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.k_cache + self.v_cache)
+
+    def _embed(self, ids):  # ids (G, B, T) -> (G, B, T, H)
+        if self.copy:
+            if self.shared:
+                return F.embedding(ids, self.emb[0])
+            V = self.emb.shape[1]
+            off = (torch.arange(self.G, device=ids.device) * V).view(self.G, 1, 1)
+            return F.embedding(ids + off, self.emb.view(-1, self.emb.shape[-1]))
+        if self.shared:
+            return F.embedding(ids, self.emb_refs[0])
+        return torch.stack([F.embedding(ids[g], w) for g, w in enumerate(self.emb_refs)])
+
+    def _head(self, h):  # h (G, B, H) -> logits (G, B, V)
+        rows = h.shape[1] * (self.G if self.shared else 1)
+        if self.copy and not (
+            self.device.type == "cpu" and self.head_refs is not None and rows > CPU_FEW_ROWS
+        ):
+            if self.shared:  # h (G, B, H): all G×B rows through the one head
+                G, B, H = h.shape
+                return torch.mm(h.reshape(G * B, H), self.head_t[0]).view(G, B, -1)
+            return torch.bmm(h, self.head_t)
+        if self.shared:
+            return F.linear(h, self.head_refs[0])
+        return torch.stack([F.linear(h[g], w) for g, w in enumerate(self.head_refs)])
+
+    def _norm(self, x, w):  # HF LlamaRMSNorm, batched over members
+        if self.fused_norm:  # one fp32-accumulating kernel instead of seven (same math, CUDA only)
+            return w * F.rms_norm(x, (x.shape[-1],), eps=self.arch.eps)
+        dt = x.dtype
+        x = x.to(torch.float32)
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.arch.eps)
+        return w * x.to(dt)
+
+    def _rope(self, pos, dtype):  # pos (G, B, T) -> cos, sin (G, B, T, 1, D)
+        freqs = pos[..., None].float() * self.inv_freq  # (G, B, T, D/2)
+        emb = torch.cat((freqs, freqs), dim=-1)
+        cos, sin = emb.cos(), emb.sin()
+        if self.att_scale is not None:
+            cos, sin = cos * self.att_scale, sin * self.att_scale
+        return cos.to(dtype).unsqueeze(3), sin.to(dtype).unsqueeze(3)
+
+    @staticmethod
+    def _rotate(x, cos, sin):
+        h = x.shape[-1] // 2
+        return x * cos + torch.cat((-x[..., h:], x[..., :h]), dim=-1) * sin
+
+    def _layer_qkv(self, Lw, x, cos, sin):
+        """x (G, B, T, H) -> q (G, B, T, Hq, D), k, v (G, B, T, Hkv, D), RoPE applied (to q and k at once)."""
+        a = self.arch
+        G, B, T, _ = x.shape
+        h = self._norm(x, Lw["ln1"])
+        qkv = Lw["qkv"](h.view(G, B * T, -1))  # (G, B*T, Dq + 2 Dkv)
+        dqk = (a.heads + a.kv_heads) * a.head_dim
+        qk = self._rotate(qkv[..., :dqk].view(G, B, T, a.heads + a.kv_heads, a.head_dim), cos, sin)
+        v = qkv[..., dqk:].view(G, B, T, a.kv_heads, a.head_dim)
+        return qk[:, :, :, : a.heads], qk[:, :, :, a.heads :], v
+
+    def _layer_rest(self, Lw, x, attn):
+        """Residual adds, o_proj and the SwiGLU MLP. attn (G, B*T, Hq*D)."""
+        G, B, T, H = x.shape
+        x = x + Lw["o"](attn).reshape(G, B, T, H)
+        h = self._norm(x, Lw["ln2"])
+        gu = Lw["gu"](h.view(G, B * T, H))  # (G, B*T, 2I)
+        I = self.arch.inter
+        return x + Lw["down"](F.silu(gu[..., :I]) * gu[..., I:]).view(G, B, T, H)
+
+    # ------------------------------------------------------------------ prefill / decode
+    def prefill(self, ids, mask):
+        """ids, mask (G, B, T) left-padded; fills cache slots [0, T); returns (hidden, logits) at the last slot:
+        (G, B, H), (G, B, V)."""
+        a = self.arch
+        G, B, T = ids.shape
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)  # positions that ignore left padding
+        cos, sin = self._rope(pos, a.dtype)
+        ar = torch.arange(T, device=ids.device)
+        causal = ar.view(1, T) <= ar.view(T, 1)  # (Tq, Tk)
+        allowed = (causal & mask.bool().view(G * B, 1, 1, T)) | torch.eye(
+            T, dtype=torch.bool, device=ids.device
+        )
+        x = self._embed(ids)
+        for i, Lw in enumerate(self.layers):
+            q, k, v = self._layer_qkv(Lw, x, cos, sin)
+            self.k_cache[i][:B, :, :, :T] = k.permute(1, 0, 3, 2, 4)  # (B, G, Hkv, T, D)
+            self.v_cache[i][:B, :, :, :T] = v.permute(1, 0, 3, 2, 4)
+            qh = q.permute(0, 1, 3, 2, 4).reshape(G * B, a.heads, T, a.head_dim)  # (GB, Hq, T, D)
+            kh = k.permute(0, 1, 3, 2, 4).reshape(G * B, a.kv_heads, T, a.head_dim)
+            vh = v.permute(0, 1, 3, 2, 4).reshape(G * B, a.kv_heads, T, a.head_dim)
+            if self.rep > 1:
+                kh = kh.repeat_interleave(self.rep, dim=1)
+                vh = vh.repeat_interleave(self.rep, dim=1)
+            o = F.scaled_dot_product_attention(
+                qh, kh, vh, attn_mask=allowed, scale=self.scaling
+            )  # (GB, Hq, T, D)
+            o = o.view(G, B, a.heads, T, a.head_dim).permute(0, 1, 3, 2, 4).reshape(G, B * T, -1)
+            x = self._layer_rest(Lw, x, o)
+        h = self._norm(x[:, :, -1:], self.norm)[:, :, 0]  # (G, B, H) the LM head's input
+        return h, self._head(h)
+
+    def decode(self, tok, pos, pad, cur, t_attn: int):
+        """One step: tok (B,) new token for every member, pos (G, B) its positions, pad (B, G) left padding,
+        cur (1,) the cache slot to write; attends over slots [0, t_attn). Returns (G, B, H), (G, B, V)."""
+        a = self.arch
+        G, B = pos.shape
+        D, Hkv = a.head_dim, a.kv_heads
+        cos, sin = self._rope(pos.unsqueeze(-1), a.dtype)  # (G, B, 1, 1, D)
+        x = self._embed(tok.view(1, B, 1).expand(G, B, 1))  # (G, B, 1, H)
+        ar = torch.arange(t_attn, device=tok.device)
+        allowed = (ar >= pad.unsqueeze(-1)) & (ar <= cur)  # (B, G, T_attn): this row's real tokens so far
+        bias = torch.zeros((B, G, Hkv, 1, t_attn), device=tok.device, dtype=a.dtype)
+        bias = bias.masked_fill(~allowed.view(B, G, 1, 1, t_attn), NEG_INF).view(B * G * Hkv, 1, t_attn)
+        for i, Lw in enumerate(self.layers):
+            q, k, v = self._layer_qkv(Lw, x, cos, sin)  # (G, B, 1, heads, D)
+            kc, vc = self.k_cache[i][:B], self.v_cache[i][:B]  # contiguous (B, G, Hkv, T_max, D)
+            kc.index_copy_(3, cur, k.permute(1, 0, 3, 2, 4))
+            vc.index_copy_(3, cur, v.permute(1, 0, 3, 2, 4))
+            kv_k = kc[:, :, :, :t_attn].view(B * G * Hkv, t_attn, D)  # a view: the cache is never copied
+            kv_v = vc[:, :, :, :t_attn].view(B * G * Hkv, t_attn, D)
+            qh = q.reshape(G, B, Hkv, self.rep, D).transpose(0, 1).reshape(B * G * Hkv, self.rep, D)
+            s = torch.baddbmm(
+                bias, qh, kv_k.transpose(1, 2), alpha=self.scaling
+            )  # scale·qKᵀ + mask, (BGHkv, rep, T)
+            p = torch.softmax(s, dim=-1, dtype=torch.float32).to(a.dtype)
+            o = torch.bmm(p, kv_v)  # (BGHkv, rep, D)
+            o = o.view(B, G, a.heads * D).transpose(0, 1)  # (G, B, Hq*D)
+            x = self._layer_rest(Lw, x, o)
+        h = self._norm(x, self.norm)[:, :, 0]
+        return h, self._head(h)

@@ -1,0 +1,342 @@
+"""The fast fused decoder (modeling/fast.py) against the straightforward reference path (tiny models, fp32, CPU)."""
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from ultrafuser.config import FuseConfig, GateConfig, SpecialistConfig
+from ultrafuser.data.conversation import Aligned
+from ultrafuser.modeling import fast
+from ultrafuser.modeling.fast import FastFusedDecoder, Unsupported, device_sample
+from ultrafuser.modeling.fast_llama import describe
+from ultrafuser.modeling.fused import FusedModel
+from ultrafuser.modeling.generation import SamplingParams, generate
+
+TEMPLATES = {
+    "code": "ultralm",
+    "math": "alpaca",
+}  # different templates: different prompt lengths per specialist
+TEXTS = ["Hi", "Write a function that returns the sum of a list.", "Tom has 3 apples. How many?"]
+GREEDY = SamplingParams(max_new_tokens=64, ignore_eos=True)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # 2 shared cores: one intra-op thread avoids oversubscription stalls (and the tiny matmuls gain nothing)
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def fuse(paths, adapters=None, gate="learned", domains=("text", "code", "math"), seed=0):
+    specs = [
+        SpecialistConfig(domain=d, path=p, template=TEMPLATES.get(d), adapter=(adapters or {}).get(d))
+        for d, p in zip(domains, paths)
+    ]
+    model = FusedModel.from_config(FuseConfig(specialists=specs, gate=GateConfig.parse(gate)))
+    if model.gate is not None:  # a non-trivial gate, so the fused tokens depend on it
+        g = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for p in model.gate.parameters():
+                p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+    return model
+
+
+@pytest.fixture(scope="module")
+def dense(tiny_dir):
+    model = fuse([tiny_dir["text"], tiny_dir["code"], tiny_dir["math"]])
+    prompts = [model.encode_prompt(t) for t in TEXTS]
+    return model, prompts, [c.token_ids for c in generate(model, prompts, GREEDY)]
+
+
+@pytest.fixture(scope="module")
+def lora(tiny_dir):
+    base = tiny_dir["text"]
+    model = fuse([base] * 3, adapters={"code": tiny_dir["lora_code"], "math": tiny_dir["lora_math"]}, seed=1)
+    prompts = [model.encode_prompt(t) for t in TEXTS]
+    return model, prompts, [c.token_ids for c in generate(model, prompts, GREEDY)]
+
+
+def ids(completions):
+    return [c.token_ids for c in completions]
+
+
+@pytest.mark.parametrize("weights", ["copy", "refs"])
+def test_dense_greedy_tokens_identical(dense, weights):
+    model, prompts, want = dense
+    assert len({len(p.input_ids[k]) for p in prompts for k in range(3)}) > 3  # left padding really differs
+    dec = FastFusedDecoder(model, max_batch=4, max_len=256, weights=weights)
+    assert dec.describe_groups() == [
+        {"specialists": ["text", "code", "math"], "device": "cpu", "shared_base": False, "weights": weights}
+    ]
+    got = ids(dec.generate(prompts, GREEDY))
+    assert got == want and all(len(t) == 64 for t in got)
+    # a second request on the same static buffers, smaller batch, gives the same tokens again
+    assert ids(dec.generate(prompts[1:], GREEDY)) == want[1:]
+
+
+def test_lora_shared_base_runs_as_one_batch(lora):
+    model, prompts, want = lora
+    dec = FastFusedDecoder(model, max_batch=4, max_len=256)
+    (g,) = dec.describe_groups()
+    assert g["shared_base"] and g["specialists"] == ["text", "code", "math"]
+    # the base weights exist once in the group: one (out, in) matrix per projection, no per-specialist stack
+    assert dec.groups[0].layers[0]["qkv"].Wt.dim() == 2
+    assert ids(dec.generate(prompts, GREEDY)) == want
+
+
+def test_teacher_forced_logits_match(dense, lora):
+    for model, prompts, _ in (dense, lora):
+        dec = FastFusedDecoder(model, max_batch=4, max_len=256)
+        s = model.start_decoding(prompts)
+        z, w = dec.start_decoding(prompts)
+        for _ in range(6):
+            assert torch.allclose(z, s.logits, atol=1e-4, rtol=0)
+            assert torch.allclose(w, s.weights, atol=1e-5, rtol=0)
+            t = s.logits.argmax(-1)
+            s = model.decode_step(s, t)
+            z, w = dec.decode_step(t)
+
+
+def test_groups_on_devices_in_threads(tiny_dir):
+    # a wider specialist cannot be stacked with the others: two groups, run concurrently in threads
+    model = fuse([tiny_dir["text"], tiny_dir["wide"], tiny_dir["math"]], seed=2)
+    prompts = [model.encode_prompt(t) for t in TEXTS[:2]]
+    want = ids(generate(model, prompts, GREEDY))
+    dec = FastFusedDecoder(model, max_batch=2, max_len=256, devices=["cpu", "cpu", "cpu"], threads=True)
+    assert [g["specialists"] for g in dec.describe_groups()] == [["text", "math"], ["code"]]
+    assert dec._pool is not None
+    assert ids(dec.generate(prompts, GREEDY)) == want
+    # the multi-device step sequence (one graph per device, then the fuse graph) emulated on one CPU
+    dec = FastFusedDecoder(
+        model,
+        max_batch=2,
+        max_len=256,
+        devices=["cpu"] * 3,
+        groups=[[0], [1], [2]],
+        threads=True,
+        cuda_graphs="emulate",
+    )
+    assert len(dec._runners()) == 3
+    assert ids(dec.generate(prompts, GREEDY)) == want
+
+
+def test_graph_path_emulated_pipelined(dense, lora):
+    """The CUDA-graph code path (warm-up + state restore, attention buckets, token fed back on the device, the
+    host one step behind) run eagerly: same tokens, in both the dense and the LoRA-shared case."""
+    for model, prompts, want in (dense, lora):
+        dec = FastFusedDecoder(model, max_batch=4, max_len=256, cuda_graphs="emulate", bucket=16)
+        assert dec.pipeline and dec.max_len == 256
+        assert ids(dec.generate(prompts, GREEDY)) == want
+        keys = {k for st in dec._states.values() for k in st.graphs}
+        assert len({k[1] for k in keys}) > 2  # several attention-length buckets were used
+
+
+def test_sampling_and_stream_events_match_reference(dense):
+    model, prompts, _ = dense
+    dec = FastFusedDecoder(model, max_batch=4, max_len=256)
+    params = SamplingParams(max_new_tokens=24, temperature=0.9, top_k=20, top_p=0.9, seed=5, ignore_eos=True)
+    assert ids(dec.generate(prompts, params)) == ids(generate(model, prompts, params))
+    # stop strings, end-of-reply token and gate weights: the same completions as the reference
+    full = generate(model, prompts[:1], SamplingParams(max_new_tokens=20, ignore_eos=True))[0]
+    stop = full.text[3:5]
+    eos_model = fuse([s.config.path for s in model.specialists])
+    eos_model.stop_token_ids = {full.token_ids[4]}
+    for m, p in (
+        (model, SamplingParams(max_new_tokens=20, ignore_eos=True, stop=(stop,))),
+        (eos_model, SamplingParams(max_new_tokens=20)),
+    ):
+        want = generate(m, prompts, p, return_weights=True)
+        got = FastFusedDecoder(m, max_batch=4, max_len=256).generate(prompts, p, return_weights=True)
+        for a, b in zip(got, want):
+            assert (a.text, a.token_ids, a.finish_reason) == (b.text, b.token_ids, b.finish_reason)
+            assert len(a.weights) == len(b.weights)
+            for wa, wb in zip(a.weights, b.weights):
+                assert wa.keys() == wb.keys() and all(abs(wa[d] - wb[d]) < 1e-5 for d in wa)
+    assert generate(eos_model, prompts[:1], SamplingParams(max_new_tokens=20))[0].finish_reason == "stop"
+
+
+def test_gate_switch_and_per_row_length_limits(dense):
+    """FusedModel.gate_mode(...) between requests (graphs are keyed by the gate), one-hot baselines left to the
+    reference, and rows whose context room differs stopping at their own limit, as in generation.stream."""
+    model, prompts, want = dense
+    dec = FastFusedDecoder(model, max_batch=4, max_len=512, cuda_graphs="emulate", bucket=32)
+    short = SamplingParams(max_new_tokens=16, ignore_eos=True)
+    assert ids(dec.generate(prompts, short)) == [t[:16] for t in want]
+    with model.gate_mode("uniform"):
+        assert ids(dec.generate(prompts, short)) == ids(generate(model, prompts, short))
+    with model.gate_mode("onehot:math"):
+        assert fast.maybe_stream(model, prompts, short) is None  # the reference runs one specialist only
+        assert ids(dec.generate(prompts, short)) == ids(generate(model, prompts, short))
+    assert {k[3] for st in dec._states.values() for k in st.graphs} == {
+        ("learned", None),
+        ("uniform", None),
+        ("onehot", "math"),
+    }
+    # rows with different prompt lengths run out of context (256) at different steps
+    long = SamplingParams(max_new_tokens=300, ignore_eos=True)
+    want_long = generate(model, prompts, long)
+    assert len({len(c.token_ids) for c in want_long}) > 1
+    got = dec.generate(prompts, long)
+    assert [(c.token_ids, c.finish_reason) for c in got] == [
+        (c.token_ids, c.finish_reason) for c in want_long
+    ]
+
+
+def test_device_sampler():
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(3, 50, generator=g) * 2
+    B = z.shape[0]
+    one = torch.ones(B)
+
+    def draw(temp, k, p, seed, step):
+        return device_sample(
+            z, temp * one, torch.full((B,), k), p * one, torch.full((B,), seed), torch.tensor([step])
+        )
+
+    assert torch.equal(draw(0.0, 0, 1.0, 1, 0), z.argmax(-1))  # greedy
+    assert torch.equal(draw(1.0, 1, 1.0, 1, 0), z.argmax(-1))  # top-k 1 is greedy
+    assert torch.equal(draw(0.7, 0, 1.0, 3, 4), draw(0.7, 0, 1.0, 3, 4))  # seeded
+    many = torch.stack([draw(1.0, 0, 1.0, 9, s) for s in range(40)])  # (steps, B): the stream moves per step
+    assert len({tuple(r.tolist()) for r in many}) > 20
+    n = 4000  # one row's draws over many seeds follow softmax(z)
+    for b in range(B):
+        zb = z[b].expand(n, -1)
+        dr = device_sample(
+            zb,
+            torch.ones(n),
+            torch.zeros(n, dtype=torch.long),
+            torch.ones(n),
+            torch.arange(n),
+            torch.tensor([3]),
+        )
+        freq = torch.bincount(dr, minlength=50).float() / n
+        assert (freq - torch.softmax(z[b], -1)).abs().max() < 0.035
+        dk = device_sample(
+            zb, torch.ones(n), torch.full((n,), 5), torch.ones(n), torch.arange(n), torch.tensor([3])
+        )
+        assert set(dk.tolist()) <= set(z[b].topk(5).indices.tolist())  # top-k keeps the k best
+        dp = device_sample(
+            zb,
+            torch.ones(n),
+            torch.zeros(n, dtype=torch.long),
+            torch.full((n,), 0.5),
+            torch.arange(n),
+            torch.tensor([3]),
+        )
+        p_sorted, order = torch.softmax(z[b], -1).sort(descending=True)
+        nucleus = order[: int((p_sorted.cumsum(0) < 0.5).sum()) + 1]
+        assert set(dp.tolist()) <= set(nucleus.tolist())  # top-p keeps the smallest set reaching p
+    # a row's draw does not depend on the other rows of the batch
+    alone = device_sample(
+        z[1:2], one[:1], torch.zeros(1, dtype=torch.long), one[:1], torch.full((1,), 9), torch.tensor([7])
+    )
+    assert int(alone) == int(draw(1.0, 0, 1.0, 9, 7)[1])
+
+
+def test_automatic_choice_and_fallback(dense, tiny_dir):
+    model, prompts, want = dense
+    fast.release(model)
+    assert (
+        ids(fast.generate(model, prompts, GREEDY, fast=True)) == want
+    )  # fast=True: the fast path or an error
+    dec = fast.fast_decoder_for(model, 3, 100)
+    assert dec is not None and dec.max_batch >= 3 and dec._states  # the decoder that just ran, cached
+    assert fast.fast_decoder_for(model, 3, 100) is dec
+    assert ids(fast.generate(model, prompts[:1], GREEDY)) == want[:1]  # automatic choice
+    assert ids(fast.generate(model, prompts, GREEDY, fast=False)) == want
+    model.models[0].train()  # specialists in training mode: the reference path decides
+    try:
+        assert fast.maybe_stream(model, prompts, GREEDY) is None
+    finally:
+        model.models[0].eval()
+    # an architecture the fast path does not run falls back to the reference path
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    gpt = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=model.vocab_size)).eval()
+    with pytest.raises(Unsupported):
+        describe(gpt)
+    spec = model.specialists[0]
+    import dataclasses
+
+    other = FusedModel(
+        model.config.model_copy(
+            update={"specialists": model.config.specialists[:1], "gate": GateConfig(mode="uniform")}
+        ),
+        [dataclasses.replace(spec, model=gpt)],
+        model.vocab_size,
+        model.eos_token_id,
+    )
+    p1 = [Aligned(input_ids=p.input_ids[:1], target_positions=[[]], targets=[]) for p in prompts]
+    assert fast.maybe_stream(other, p1, GREEDY) is None
+    assert ids(fast.generate(other, p1, SamplingParams(max_new_tokens=8))) == ids(
+        generate(other, p1, SamplingParams(max_new_tokens=8))
+    )
+    with pytest.raises(Unsupported):
+        fast.generate(other, p1, GREEDY, fast=True)
+
+
+def test_weights_changed_in_place_are_reread(dense):
+    model, prompts, _ = dense
+    dec = FastFusedDecoder(model, max_batch=4, max_len=256)
+    w = model.specialists[1].model.model.layers[0].mlp.down_proj.weight
+    with torch.no_grad():
+        w.mul_(3.0)
+    try:
+        assert ids(dec.generate(prompts, GREEDY)) == ids(generate(model, prompts, GREEDY))
+    finally:
+        with torch.no_grad():
+            w.div_(3.0)
+
+
+def test_benchmark_script_cpu_tiny(tmp_path):
+    spec = importlib.util.spec_from_file_location(
+        "bench_decode", Path(__file__).parents[2] / "bench" / "decode.py"
+    )
+    bench = importlib.util.module_from_spec(spec)
+    sys.modules["bench_decode"] = bench
+    spec.loader.exec_module(bench)
+    out = tmp_path / "decode.json"
+    n = torch.get_num_threads()
+    try:
+        bench.main(
+            [
+                "--shape",
+                "tiny",
+                "--device",
+                "cpu",
+                "--json",
+                str(out),
+                "--steps",
+                "24",
+                "--batches",
+                "2",
+                "--prompt-len",
+                "12",
+                "--lora-rank",
+                "4",
+            ]
+        )
+    finally:
+        torch.set_num_threads(n)
+    d = json.loads(out.read_text())
+    assert d["tokens_match"] is True and d["errors"] == []
+    assert d["env"]["copy_bandwidth_GBps"] > 0 and d["env"]["device_name"]
+    s = d["shapes"]["tiny"]
+    b = s["batch2"]
+    for mode in ("naive-single", "naive-fused", "fast-single", "fast-fused"):
+        assert b[mode]["ms_step"] > 0 and 0 < b[mode]["frac_floor"] and len(b[mode]["tokens"]) == 2
+    assert {
+        "fast_fused_vs_3x_single",
+        "fast_vs_naive_fused_speedup",
+        "prefill_fast_fused_vs_3x_single",
+    } <= set(b["ratios"])
+    assert all(c["exact"] for c in b["token_checks"].values())
+    lb = s["lora_phase"]["batch2"]
+    assert lb["token_checks"]["fast-lora==naive-lora"]["exact"] and "lora_shared_vs_one_model" in lb["ratios"]
+    assert s["logits_check_dense_b1"]["argmax_agree"] == 1.0
