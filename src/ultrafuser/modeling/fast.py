@@ -40,11 +40,11 @@ from ultrafuser.modeling.fast_llama import Group, Unsupported, _is_lora, describ
 from ultrafuser.modeling.fast_sample import _M32, device_sample
 from ultrafuser.modeling.generation import (
     Completion,
-    PromptTooLongError,
     SamplingParams,
     TokenEvent,
     _pick,
-    _Row,
+    prepare_rows,
+    row_limits,
 )
 
 log = logging.getLogger(__name__)
@@ -486,25 +486,7 @@ class FastFusedDecoder:
     ) -> Iterator[list[TokenEvent]]:
         """Same contract and events as `generation.stream` (stop tokens and strings, lengths, aborts, weights)."""
         model = self.model
-        plist = list(params) if isinstance(params, (list, tuple)) else [params] * len(prompts)
-        if len(plist) != len(prompts):
-            raise ValueError("one SamplingParams per prompt, or one for all")
-        for p in prompts:
-            for s, n in zip(model.specialists, p.lengths):
-                if n >= s.context_length:
-                    raise PromptTooLongError(
-                        f"the prompt is {n} tokens for specialist {s.domain!r}, whose context is {s.context_length}; "
-                        "shorten it (the fused context is the smallest specialist's)"
-                    )
-        tok = model.response_tokenizer
-        rows = [_Row(tok, p.stop) for p in plist]
-        gens = []
-        for p in plist:  # the same draws from the global RNG as the reference path
-            g = torch.Generator()
-            g.manual_seed(p.seed if p.seed is not None else int(torch.randint(0, 2**62, (1,))))
-            gens.append(g)
-        # as generation.stream: a row also stops ("length") when its prompt + reply fills a specialist's context
-        row_limit = _row_limits(model, prompts, plist)
+        plist, rows, gens, row_limit = prepare_rows(model, prompts, params)  # the reference's setup, shared
         limit = max(row_limit)
         err = self.capacity_error(prompts, limit)
         if err:
@@ -626,13 +608,6 @@ def _on_device(d):
     return torch.cuda.device(d) if _is_cuda(d) else contextlib.nullcontext()
 
 
-def _row_limits(model, prompts, plist) -> list[int]:
-    """New tokens each row may produce: its max_new_tokens, within every specialist's context (per row: positions
-    ignore left padding), exactly as generation.stream."""
-    room = [min(s.context_length - p.lengths[k] for k, s in enumerate(model.specialists)) for p in prompts]
-    return [min(p.max_new_tokens, r) for p, r in zip(plist, room)]
-
-
 def _collect(events_iter, prompts) -> list[Completion]:
     out = [Completion("", [], "length", p.input_ids) for p in prompts]
     for events in events_iter:
@@ -703,7 +678,7 @@ def maybe_stream(
         return None  # specialists in training mode (dropout): the reference path
     if model.config.gate.mode == "onehot":
         return None  # a one-hot baseline: the reference path runs only that specialist
-    new = max(_row_limits(model, prompts, plist))
+    new = max(row_limits(model, prompts, plist))
     if new <= 0:
         return None  # the reference path raises PromptTooLongError with its message
     length = max(max(p.lengths) for p in prompts) + new

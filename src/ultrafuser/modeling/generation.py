@@ -133,18 +133,10 @@ def _pick(logits: torch.Tensor, params: Sequence[SamplingParams], gens: list) ->
     return out
 
 
-def stream(
-    model,
-    prompts: Sequence[Aligned],
-    params: SamplingParams | Sequence[SamplingParams] = SamplingParams(),
-    *,
-    return_weights: bool = False,
-    should_stop=None,
-) -> Iterator[list[TokenEvent]]:
-    """Generate for a batch of encoded prompts (see `FusedModel.encode_prompt`); yield each step's events.
-
-    `should_stop(row) -> bool` lets a caller (e.g. a server whose client went away) end a row early.
-    """
+def prepare_rows(model, prompts: Sequence[Aligned], params) -> tuple[list, list, list, list[int]]:
+    """What every decoding path sets up the same way: one SamplingParams, detokeniser and seeded generator per
+    row, the context check, and how many tokens each row may produce (its max_new_tokens, within every
+    specialist's context; positions are per row, so left padding does not count)."""
     plist = list(params) if isinstance(params, (list, tuple)) else [params] * len(prompts)
     if len(plist) != len(prompts):
         raise ValueError("one SamplingParams per prompt, or one for all")
@@ -162,10 +154,29 @@ def stream(
         g = torch.Generator()
         g.manual_seed(p.seed if p.seed is not None else int(torch.randint(0, 2**62, (1,))))
         gens.append(g)
-    # Each row also stops ("length") when its prompt + reply fills any specialist's context. Positions are
-    # per row (left padding does not count), so a row's room depends only on its own prompt.
+    return plist, rows, gens, row_limits(model, prompts, plist)
+
+
+def row_limits(model, prompts: Sequence[Aligned], plist: Sequence[SamplingParams]) -> list[int]:
+    """Tokens each row may produce: its max_new_tokens, and it also stops ("length") when its prompt + reply
+    fills any specialist's context. Positions are per row (left padding does not count)."""
     room = [min(s.context_length - p.lengths[k] for k, s in enumerate(model.specialists)) for p in prompts]
-    row_limit = [min(p.max_new_tokens, r) for p, r in zip(plist, room)]
+    return [min(p.max_new_tokens, r) for p, r in zip(plist, room)]
+
+
+def stream(
+    model,
+    prompts: Sequence[Aligned],
+    params: SamplingParams | Sequence[SamplingParams] = SamplingParams(),
+    *,
+    return_weights: bool = False,
+    should_stop=None,
+) -> Iterator[list[TokenEvent]]:
+    """Generate for a batch of encoded prompts (see `FusedModel.encode_prompt`); yield each step's events.
+
+    `should_stop(row) -> bool` lets a caller (e.g. a server whose client went away) end a row early.
+    """
+    plist, rows, gens, row_limit = prepare_rows(model, prompts, params)
     limit = max(row_limit)
     domains = model.domains
 
