@@ -24,8 +24,8 @@ def _routes(app):
     return out
 
 
-def test_allow_list_is_exactly_health_and_page():
-    assert OPEN_PATHS == {"/health", "/"}
+def test_allow_list_is_exactly_health():
+    assert OPEN_PATHS == {"/health"}
 
 
 def test_every_route_but_the_allow_list_needs_the_key(keyed):

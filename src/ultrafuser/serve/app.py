@@ -8,8 +8,8 @@ assets from a CDN; this server serves nothing from outside).
 (waiting / running rows, batches, generated tokens) - no request content.
 
 API key (optional): when set, every route needs `Authorization: Bearer KEY` except `OPEN_PATHS`: `/health`
-(for load balancers) and `/` (the page is static and holds no data; its script sends the key the user types
-to the API routes). The check is a pure ASGI middleware in front of routing (so unknown paths answer 401,
+(for load balancers). The page at `/` is covered too, so with a key set a browser needs to send the header (a
+header-setting extension, or a reverse proxy that adds it); without a key — the local default — it opens as is. The check is a pure ASGI middleware in front of routing (so unknown paths answer 401,
 not 404, to a caller without the key), compares SHA-256 digests with `hmac.compare_digest` (constant time,
 length not leaked), and never logs the key.
 
@@ -41,7 +41,7 @@ from ultrafuser.serve.protocol import APIError, Limits, error_body, now
 
 log = logging.getLogger("ultrafuser.serve")
 
-OPEN_PATHS = frozenset({"/health", "/"})
+OPEN_PATHS = frozenset({"/health"})
 _PAGE_CSP = ("default-src 'self'; script-src 'self' 'unsafe-inline'; style-src 'self' 'unsafe-inline'; "
              "img-src 'self' data:; connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
 
