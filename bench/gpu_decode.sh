@@ -8,6 +8,8 @@
 #    naive-fused (the core's reference path), fast-single, fast-fused (+ fast-fused-refs where weights were
 #    copied) at batch 1 and 16, batch 64 on the fast path where memory allows, then the LoRA-shared phase.
 # Every measurement is written to JSON as soon as it exists (a timeout keeps them); the table comes last.
+# The teacher-forced logits check runs first for each shape (before any timing): fast (bmm decode attention) and
+# fast-sdpa vs the reference, calibrated by the same reference with HF eager attention and by the top-1/top-2 gap.
 # pydantic (needed by ultrafuser.config) is not in the GPU image: like bench/gpu_train.sh, the wheels in .whl/ are
 # installed into /tmp/site when it is missing — carry .whl/ (git-ignored) with the working tree.
 set -u
@@ -46,13 +48,13 @@ PY
 
   echo "== 1. tiny fp32 on CUDA (graph path exactness)"
   timeout 75 $PY bench/decode.py --shape tiny --device cuda --dtype float32 --batches 1,4 --vary \
-      --prompt-len 64 --steps 128 --reps 1 --bw-gib 1 --json "$OUT/tiny_cuda_fp32.json"
+      --prompt-len 64 --steps 128 --reps 1 --bw-gib 1 --also-sdpa --json "$OUT/tiny_cuda_fp32.json"
   echo "tiny exit code $?"
 
   B=$(( $(left) - 25 ))
   echo "== 2. 7B shapes, bf16 (budget ${B}s)"
   timeout $(( B + 20 )) $PY bench/decode.py --shape llama2-7b --shape qwen2.5-7b --device cuda \
-      --batches 1,16 --extra-batches 64 --prompt-len 256 --steps 128 --reps 3 --naive-reps 1 --also-refs \
+      --batches 1,16 --extra-batches 64 --prompt-len 256 --steps 128 --reps 3 --naive-reps 1 --also-refs --also-sdpa \
       --time-budget "$B" --reserve-s 25 --json "$OUT/decode_gpu.json"
   echo "7B exit code $?"
 } 2>&1 | tee "$LOG"

@@ -129,8 +129,10 @@ def test_groups_on_devices_in_threads(tiny_dir):
 def test_graph_path_emulated_pipelined(dense, lora):
     """The CUDA-graph code path (warm-up + state restore, attention buckets, token fed back on the device, the
     host one step behind) run eagerly: same tokens, in both the dense and the LoRA-shared case."""
-    for model, prompts, want in (dense, lora):
-        dec = FastFusedDecoder(model, max_batch=4, max_len=256, cuda_graphs="emulate", bucket=16)
+    for (model, prompts, want), attention in ((dense, "bmm"), (lora, "bmm"), (dense, "sdpa"), (lora, "sdpa")):
+        dec = FastFusedDecoder(
+            model, max_batch=4, max_len=256, cuda_graphs="emulate", bucket=16, decode_attention=attention
+        )
         assert dec.pipeline and dec.max_len == 256
         assert ids(dec.generate(prompts, GREEDY)) == want
         keys = {k for st in dec._states.values() for k in st.graphs}
@@ -279,6 +281,11 @@ def test_automatic_choice_and_fallback(dense, tiny_dir):
     )
     with pytest.raises(Unsupported):
         fast.generate(other, p1, GREEDY, fast=True)
+    # an empty prompt is left to the reference path (the fast decoder itself refuses it with a clear message)
+    empty = [Aligned(input_ids=[[], [], []], target_positions=[[], [], []], targets=[])]
+    assert fast.maybe_stream(model, empty, GREEDY) is None
+    with pytest.raises(ValueError, match="empty"):
+        dec.generate(empty, GREEDY)
 
 
 def test_weights_changed_in_place_are_reread(dense):

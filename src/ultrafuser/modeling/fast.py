@@ -137,7 +137,8 @@ class FastFusedDecoder:
       devices). pipeline: enqueue step t+1 before reading token t (default: with CUDA graphs).
     sampler: "reference" (host `_pick`, identical samples to the reference path), "device" (in-graph, see
       `device_sample`) or "auto" (reference on the CPU, device on CUDA). bucket: attention-length granularity
-      of the captured graphs.
+      of the captured graphs. decode_attention: "bmm" (the measured default: scores in the model dtype, fp32
+      softmax) or "sdpa" (PyTorch's fused attention, fp32 scores: closer to HF's sdpa path in bf16 on CUDA).
     """
 
     def __init__(
@@ -154,6 +155,7 @@ class FastFusedDecoder:
         pipeline: bool | None = None,
         sampler: str = "auto",
         bucket: int = 128,
+        decode_attention: str = "bmm",
     ):
         if weights not in ("auto", "copy", "refs"):
             raise ValueError(f"weights={weights!r}: use auto, copy or refs")
@@ -181,6 +183,7 @@ class FastFusedDecoder:
         )
         self._weights_arg = weights
         self._groups_arg = groups
+        self.decode_attention = decode_attention
         self._build()
         n_dev = len({g.device for g in self.groups})
         self.threads = (n_dev > 1 and not all_cuda) if threads is None else bool(threads)
@@ -251,6 +254,7 @@ class FastFusedDecoder:
                 mode,
                 self.max_batch,
                 self.max_len,
+                attention=self.decode_attention,
             )
             self.groups.append(g)
             self.members.append(ks)
@@ -486,6 +490,12 @@ class FastFusedDecoder:
     ) -> Iterator[list[TokenEvent]]:
         """Same contract and events as `generation.stream` (stop tokens and strings, lengths, aborts, weights)."""
         model = self.model
+        for p in prompts:
+            for s, n in zip(model.specialists, p.lengths):
+                if n == 0:
+                    raise ValueError(
+                        f"a prompt is empty for specialist {s.domain!r}; give it at least one token"
+                    )
         plist, rows, gens, row_limit = prepare_rows(model, prompts, params)  # the reference's setup, shared
         limit = max(row_limit)
         err = self.capacity_error(prompts, limit)
@@ -678,6 +688,8 @@ def maybe_stream(
         return None  # specialists in training mode (dropout): the reference path
     if model.config.gate.mode == "onehot":
         return None  # a one-hot baseline: the reference path runs only that specialist
+    if any(n == 0 for p in prompts for n in p.lengths):
+        return None  # empty prompts: whatever the reference path does with them
     new = max(row_limits(model, prompts, plist))
     if new <= 0:
         return None  # the reference path raises PromptTooLongError with its message

@@ -265,8 +265,13 @@ class Proj:
 class Group:
     """G specialists of one architecture on one device, decoded as one batch (see the module docstring)."""
 
-    def __init__(self, members, device, weights: str, max_batch: int, max_len: int):
-        """members: [(hf_model, adapter_name | None)]; weights: 'copy' or 'refs'."""
+    def __init__(self, members, device, weights: str, max_batch: int, max_len: int, attention: str = "bmm"):
+        """members: [(hf_model, adapter_name | None)]; weights: 'copy' or 'refs'; attention (decode step): 'bmm'
+        (scores rounded to the model dtype before an fp32 softmax, like HF eager attention) or 'sdpa' (PyTorch's
+        fused kernel: fp32 scores and softmax, like HF's default sdpa attention on CUDA)."""
+        if attention not in ("bmm", "sdpa"):
+            raise ValueError(f"attention={attention!r}: use bmm or sdpa")
+        self.attention = attention
         models = [m for m, _ in members]
         adapters = [a for _, a in members]
         self.G = G = len(members)
@@ -455,8 +460,17 @@ class Group:
         x = self._embed(tok.view(1, B, 1).expand(G, B, 1))  # (G, B, 1, H)
         ar = torch.arange(t_attn, device=tok.device)
         allowed = (ar >= pad.unsqueeze(-1)) & (ar <= cur)  # (B, G, T_attn): this row's real tokens so far
-        bias = torch.zeros((B, G, Hkv, 1, t_attn), device=tok.device, dtype=a.dtype)
-        bias = bias.masked_fill(~allowed.view(B, G, 1, 1, t_attn), NEG_INF).view(B * G * Hkv, 1, t_attn)
+        if (
+            self.attention == "sdpa"
+        ):  # boolean mask per (row, member, kv head), broadcast over its query heads
+            mask = (
+                allowed.view(B, G, 1, 1, t_attn)
+                .expand(B, G, Hkv, 1, t_attn)
+                .reshape(B * G * Hkv, 1, 1, t_attn)
+            )
+        else:
+            bias = torch.zeros((B, G, Hkv, 1, t_attn), device=tok.device, dtype=a.dtype)
+            bias = bias.masked_fill(~allowed.view(B, G, 1, 1, t_attn), NEG_INF).view(B * G * Hkv, 1, t_attn)
         for i, Lw in enumerate(self.layers):
             q, k, v = self._layer_qkv(Lw, x, cos, sin)  # (G, B, 1, heads, D)
             kc, vc = self.k_cache[i][:B], self.v_cache[i][:B]  # contiguous (B, G, Hkv, T_max, D)
@@ -465,11 +479,15 @@ class Group:
             kv_k = kc[:, :, :, :t_attn].view(B * G * Hkv, t_attn, D)  # a view: the cache is never copied
             kv_v = vc[:, :, :, :t_attn].view(B * G * Hkv, t_attn, D)
             qh = q.reshape(G, B, Hkv, self.rep, D).transpose(0, 1).reshape(B * G * Hkv, self.rep, D)
-            s = torch.baddbmm(
-                bias, qh, kv_k.transpose(1, 2), alpha=self.scaling
-            )  # scale·qKᵀ + mask, (BGHkv, rep, T)
-            p = torch.softmax(s, dim=-1, dtype=torch.float32).to(a.dtype)
-            o = torch.bmm(p, kv_v)  # (BGHkv, rep, D)
+            if self.attention == "sdpa":
+                # GQA without copying the cache: a kv head's `rep` query heads are SDPA's query positions
+                o = F.scaled_dot_product_attention(
+                    qh.unsqueeze(1), kv_k.unsqueeze(1), kv_v.unsqueeze(1), attn_mask=mask, scale=self.scaling
+                ).squeeze(1)  # (BGHkv, rep, D)
+            else:
+                s = torch.baddbmm(bias, qh, kv_k.transpose(1, 2), alpha=self.scaling)  # scale·qKᵀ + mask
+                p = torch.softmax(s, dim=-1, dtype=torch.float32).to(a.dtype)  # (BGHkv, rep, T)
+                o = torch.bmm(p, kv_v)  # (BGHkv, rep, D)
             o = o.view(B, G, a.heads * D).transpose(0, 1)  # (G, B, Hq*D)
             x = self._layer_rest(Lw, x, o)
         h = self._norm(x, self.norm)[:, :, 0]
