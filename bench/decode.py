@@ -618,9 +618,11 @@ class Bench:
                 extra = 3 * kv  # the static caches of one more fused decoder (refs / sdpa variants)
                 if copies + base > free:
                     weights, copies = "refs", 0
-                if copies + base + extra > free:
+                # the sdpa variant holds its own stacked copy of the weights when weights="copy"
+                sdpa_copy = N_SPEC * P * 1.05 if weights == "copy" else 0
+                if copies + base + extra + sdpa_copy > free:
                     also_sdpa = False
-                if copies + base + extra * (1 + also_sdpa) > free:
+                if copies + base + extra * (1 + also_sdpa) + (sdpa_copy if also_sdpa else 0) > free:
                     also_refs = False
                 self.log(
                     f"free {free / 2**30:.0f} GiB: fast weights={weights}, also refs={also_refs}, sdpa={also_sdpa}"

@@ -114,7 +114,8 @@ def test_committed_adapters_load_and_differ_from_base(domain):
 
     d = REPO / "models" / "embedded-default" / "adapters" / domain
     cfg = json.loads((d / "adapter_config.json").read_text())
-    assert cfg["base_model_name_or_path"] == "embedded:smollm2-135m-instruct" and cfg["r"] == 8
+    rec = json.loads((d / "recipe.json").read_text())
+    assert cfg["base_model_name_or_path"] == "embedded:smollm2-135m-instruct" and cfg["r"] == rec["recipe"]["lora_r"]
     w = load_file(str(d / "adapter_model.safetensors"))
     a = {k: v for k, v in w.items() if "lora_A" in k}
     assert len(a) == 30 * 7  # 30 layers x 7 linear layers

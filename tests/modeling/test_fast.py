@@ -14,7 +14,14 @@ from ultrafuser.modeling import fast
 from ultrafuser.modeling.fast import FastFusedDecoder, Unsupported, device_sample
 from ultrafuser.modeling.fast_llama import describe
 from ultrafuser.modeling.fused import FusedModel
-from ultrafuser.modeling.generation import SamplingParams, generate
+from ultrafuser.modeling import generation
+from ultrafuser.modeling.generation import SamplingParams
+
+
+def generate(*args, **kw):
+    """The reference: the core's straightforward path (generation.generate takes the fast path by default)."""
+    return generation.generate(*args, fast=False, **kw)
+
 
 TEMPLATES = {
     "code": "ultralm",
@@ -252,6 +259,13 @@ def test_automatic_choice_and_fallback(dense, tiny_dir):
     assert fast.fast_decoder_for(model, 3, 100) is dec
     assert ids(fast.generate(model, prompts[:1], GREEDY)) == want[:1]  # automatic choice
     assert ids(fast.generate(model, prompts, GREEDY, fast=False)) == want
+    # the core's own entry points take the fast path by themselves (the cached decoder's state is used)
+    fast.release(model)
+    assert ids(generation.generate(model, prompts, GREEDY)) == want
+    assert fast.fast_decoder_for(model, 3, 100)._states
+    fast.release(model)
+    assert ids(generation.generate(model, prompts, GREEDY, fast=False)) == want
+    assert model.__dict__.get(fast._ATTR) is None  # fast=False never builds a decoder
     model.models[0].train()  # specialists in training mode: the reference path decides
     try:
         assert fast.maybe_stream(model, prompts, GREEDY) is None
@@ -347,3 +361,14 @@ def test_benchmark_script_cpu_tiny(tmp_path):
     lb = s["lora_phase"]["batch2"]
     assert lb["token_checks"]["fast-lora==naive-lora"]["exact"] and "lora_shared_vs_one_model" in lb["ratios"]
     assert s["logits_check_dense_b1"]["argmax_agree"] == 1.0
+
+
+def test_lora_terms_in_the_model_dtype_give_the_same_tokens(lora):
+    """lora_precision="model" (the CUDA bf16 default: scale folded into B, one baddbmm) is the same math; in fp32
+    on the CPU its greedy tokens equal the reference's."""
+    model, prompts, want = lora
+    dec = FastFusedDecoder(model, max_batch=4, max_len=256, lora_precision="model")
+    assert any(p.lora_lowp for g in dec.groups for L in g.layers for p in L.values() if hasattr(p, "lora_lowp"))
+    assert ids(dec.generate(prompts, GREEDY)) == want
+    with pytest.raises(ValueError, match="lora_precision"):
+        FastFusedDecoder(model, max_batch=4, max_len=256, lora_precision="fp8")

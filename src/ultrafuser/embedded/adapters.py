@@ -8,6 +8,11 @@ the LM head runs only at reply positions (the cheap part of the loss on a 49k vo
 fusion training. bf16 base weights, fp32 adapter weights, AdamW, cosine schedule with warm-up.
 The adapter is saved in safetensors (bf16, small enough to commit) with a `recipe.json` recording the
 command, config, data hash, seed and final loss.
+
+A run takes tens of minutes on a CPU, so it checkpoints every `save_every` steps into `checkpoint_dir`
+(default `runs/adapters/DOMAIN/`, git-ignored; the training checkpoints' format: safetensors + JSON,
+atomic, verified) and a re-run of the same command resumes from the newest one and ends with the same
+adapter as an uninterrupted run. A checkpoint made by a different recipe or data is refused by name.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import hashlib
 import json
 import logging
 import random
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -44,6 +50,9 @@ class AdapterRecipe(_Frozen):
     lora_target_modules: list[str] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     dtype: str = "auto"  # bf16 where the CPU computes it natively, else fp32 (emulated bf16 is ~3x slower)
     threads: int | None = None
+    save_every: int = Field(20, ge=1)
+    keep_last: int = Field(2, ge=1)
+    checkpoint_dir: str | None = None  # default runs/adapters/DOMAIN
 
 
 def _read_jsonl(paths: list[str]) -> list[dict]:
@@ -64,6 +73,14 @@ def train_adapter(recipe: AdapterRecipe, config_path: str | None = None) -> dict
 
     from ultrafuser.config import FuseConfig, GateConfig, SpecialistConfig
     from ultrafuser.modeling.fused import FusedModel
+    from ultrafuser.training.faults import fault
+    from ultrafuser.training.checkpoint import (
+        find_checkpoint,
+        list_checkpoints,
+        load_optimizer,
+        optimizer_files,
+        save_checkpoint,
+    )
 
     if recipe.threads:
         torch.set_num_threads(recipe.threads)
@@ -103,10 +120,34 @@ def train_adapter(recipe: AdapterRecipe, config_path: str | None = None) -> dict
     sched = get_cosine_schedule_with_warmup(opt, recipe.warmup_steps, recipe.steps)
     order: list[int] = []
     rng = random.Random(recipe.seed)
-    losses = []
+    losses: list[float] = []
+    names = {id(p): n for n, p in peft_model.named_parameters() if p.requires_grad}
+    ckpt_root = Path(recipe.checkpoint_dir or f"runs/adapters/{recipe.domain}")
+    fingerprint = hashlib.sha256((recipe.model_dump_json(exclude={"threads", "save_every", "keep_last",
+                                                                   "checkpoint_dir"}) + data_hash).encode()).hexdigest()
+    start, seconds_before = 0, 0.0
+    if list_checkpoints(ckpt_root):
+        ck = find_checkpoint(ckpt_root)
+        st = ck.json("state.json")
+        if st["fingerprint"] != fingerprint:
+            raise ConfigError(f"{ck.path} was made by another recipe or other data; delete {ckpt_root} to start "
+                              "afresh, or set checkpoint_dir to another folder")
+        params = ck.tensors("adapter.safetensors")
+        with torch.no_grad():
+            for p in trainable:
+                p.copy_(params[names[id(p)]])
+        ot, oj = ck.tensors("optimizer.safetensors"), ck.json("optimizer.json")
+        load_optimizer(opt, names, ot, oj)
+        sched.load_state_dict(st["scheduler"])
+        start, order, losses, seconds_before = st["step"], st["order"], st["losses"], st["seconds"]
+        v, state, g = st["rng"]
+        rng.setstate((v, tuple(state), g))
+        torch.set_rng_state(ck.tensors("rng.safetensors")["torch_cpu"])
+        log.info("resuming the %s adapter at step %d from %s", recipe.domain, start, ck.path)
     spec.model.train()
-    bar = tqdm(range(recipe.steps), desc=f"{recipe.domain} adapter", unit="step")
-    t0, tokens = time.time(), 0
+    bar = tqdm(range(start, recipe.steps), desc=f"{recipe.domain} adapter", unit="step", initial=start,
+               total=recipe.steps)
+    t0, tokens = time.time() - seconds_before, 0
     for step in bar:
         if len(order) < recipe.batch_size:  # walk the data in seeded order without repeats, then reshuffle
             more = list(range(len(examples)))
@@ -124,6 +165,19 @@ def train_adapter(recipe: AdapterRecipe, config_path: str | None = None) -> dict
         losses.append(float(out.loss))
         tokens += int((batch.labels != -100).sum())
         bar.set_postfix(loss=f"{losses[-1]:.3f}", tok_s=f"{tokens / (time.time() - t0):.0f}")
+        done = step + 1
+        if done % recipe.save_every == 0 and done < recipe.steps:
+            ot, oj = optimizer_files(opt, names)
+            v, state, g = rng.getstate()
+            save_checkpoint(ckpt_root, done, {
+                "adapter.safetensors": {names[id(p)]: p.detach() for p in trainable},
+                "optimizer.safetensors": ot, "optimizer.json": oj,
+                "rng.safetensors": {"torch_cpu": torch.get_rng_state()},
+                "state.json": {"fingerprint": fingerprint, "step": done, "order": order, "losses": losses,
+                               "seconds": time.time() - t0, "scheduler": sched.state_dict(),
+                               "rng": [v, list(state), g]},
+            }, recipe.keep_last)
+            fault("adapter_saved", done)  # tests: a crash right after a checkpoint
     out_dir = Path(recipe.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     for p in trainable:
@@ -143,6 +197,7 @@ def train_adapter(recipe: AdapterRecipe, config_path: str | None = None) -> dict
     }
     (out_dir / "recipe.json").write_text(json.dumps(info, indent=2) + "\n")
     scrub_adapter_dir(out_dir, recipe.base)
+    shutil.rmtree(ckpt_root, ignore_errors=True)  # the adapter is written: its checkpoints have done their job
     return info
 
 

@@ -25,6 +25,7 @@ from pathlib import Path
 from ultrafuser.config import ConfigError
 
 ADAPTERS = Path("models/embedded-default/adapters")
+SHIPPED = Path("models/embedded-default/fused")  # the ready-made fused default (made by `--publish`)
 FUSER_CONFIG = Path("configs/embedded/fuser.yaml")
 TASKS = ["embedded-text", "embedded-code", "embedded-math"]
 
@@ -38,6 +39,8 @@ def register(sub) -> None:
     r.add_argument("--base", default="embedded:smollm2-135m-instruct", help="base model of the three specialists")
     r.add_argument("--adapters", default=str(ADAPTERS), help="folder with the code/ and math/ LoRA adapters")
     r.add_argument("--data-dir", default="data/embedded", help="folder with {text,code,math}-{train,heldout}.jsonl")
+    r.add_argument("--publish", nargs="?", const=str(SHIPPED), metavar="DIR",
+                   help=f"also copy the trained fused model (+ its provenance) to DIR (default {SHIPPED})")
     r.add_argument("overrides", nargs="*", help="training config overrides, key=value")
     r.set_defaults(func=run)
 
@@ -124,7 +127,53 @@ def run(args) -> int:
             shutil.copy2(out / "eval" / f, out / f)
     print((out / "report.md").read_text())
     print(f"wrote {out}/report.json in {report['timings_s']['total_s']} s")
+    if args.publish:
+        publish(out, Path(args.publish), report, sys.argv[1:])
+        _say(f"published the trained fused model to {args.publish}")
     return 0
+
+
+def publish(run_dir: Path, dest: Path, report: dict, argv: list[str]) -> None:
+    """Copy the run's trained fused model (gate + stage-2 adapters; the base is `embedded:`) to `dest`
+    atomically, with `provenance.json`: the command, the training config and the run's scores."""
+    import datetime
+    import platform
+
+    import torch
+
+    from ultrafuser.modeling.fused import replace_dir
+
+    src = run_dir / "train" / "final"
+    tmp = dest.parent / f".{dest.name}.publish-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copytree(src, tmp)
+    prov = {
+        "command": "ultrafuser " + " ".join(a if not os.path.isabs(a) else Path(a).name for a in argv),
+        "date": datetime.date.today().isoformat(),
+        "training_config": _portable_config(run_dir / "train" / "config.yaml"),
+        "models": report["models"], "gate": report["gate"], "metrics": report["metrics"],
+        "n_samples": report["n_samples"], "timings_s": report["timings_s"],
+        "machine": {"python": platform.python_version(), "torch": torch.__version__, "cpu_threads": torch.get_num_threads()},
+    }
+    (tmp / "provenance.json").write_text(json.dumps(prov, indent=2) + "\n")
+    replace_dir(tmp, dest)
+
+
+def _portable_config(path: Path) -> dict | None:
+    """The run's resolved training config without this machine's paths (output folders, data file folders)."""
+    import yaml
+
+    if not path.is_file():
+        return None
+    cfg = yaml.safe_load(path.read_text())
+    cfg.pop("model", None)
+    cfg.pop("output_dir", None)
+    if isinstance(cfg.get("data"), dict):
+        for k in ("train", "eval"):
+            if isinstance(cfg["data"].get(k), list):
+                cfg["data"][k] = [Path(x).name for x in cfg["data"][k]]
+    return cfg
 
 
 def _say(msg: str) -> None:

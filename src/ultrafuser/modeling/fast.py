@@ -139,6 +139,9 @@ class FastFusedDecoder:
       `device_sample`) or "auto" (reference on the CPU, device on CUDA). bucket: attention-length granularity
       of the captured graphs. decode_attention: "bmm" (the measured default: scores in the model dtype, fp32
       softmax) or "sdpa" (PyTorch's fused attention, fp32 scores: closer to HF's sdpa path in bf16 on CUDA).
+    lora_precision: "auto" (LoRA terms in the model dtype on CUDA for bf16/fp16 models — PEFT's fp32 terms hit a
+      slow thin-GEMM kernel there — else in the adapters' dtype, as PEFT), "adapter" (always PEFT's way) or
+      "model" (always the model dtype, scale folded into B, one fused add).
     """
 
     def __init__(
@@ -156,9 +159,13 @@ class FastFusedDecoder:
         sampler: str = "auto",
         bucket: int = 128,
         decode_attention: str = "bmm",
+        lora_precision: str = "auto",
     ):
         if weights not in ("auto", "copy", "refs"):
             raise ValueError(f"weights={weights!r}: use auto, copy or refs")
+        if lora_precision not in ("auto", "adapter", "model"):
+            raise ValueError(f"lora_precision={lora_precision!r}: use auto, adapter or model")
+        self.lora_precision = lora_precision
         if sampler not in ("auto", "reference", "device"):
             raise ValueError(f"sampler={sampler!r}: use auto, reference or device")
         self.model = model
@@ -255,6 +262,7 @@ class FastFusedDecoder:
                 self.max_batch,
                 self.max_len,
                 attention=self.decode_attention,
+                lora_precision=self.lora_precision,
             )
             self.groups.append(g)
             self.members.append(ks)
@@ -669,14 +677,10 @@ def release(model) -> None:
 
 
 def reference_stream(model, prompts, params=_GREEDY, **kw) -> Iterator[list[TokenEvent]]:
-    """The core's straightforward path (`generation.stream`), never the fast one."""
-    import inspect
-
+    """The core's straightforward path (`generation.stream(fast=False)`), never the fast one."""
     from ultrafuser.modeling import generation
 
-    if "fast" in inspect.signature(generation.stream).parameters:
-        kw["fast"] = False
-    return generation.stream(model, prompts, params, **kw)
+    return generation.stream(model, prompts, params, fast=False, **kw)
 
 
 def maybe_stream(
@@ -700,32 +704,13 @@ def maybe_stream(
     return dec.stream(prompts, params, return_weights=return_weights, should_stop=should_stop)
 
 
-def stream(
-    model,
-    prompts: Sequence[Aligned],
-    params=_GREEDY,
-    *,
-    return_weights: bool = False,
-    should_stop=None,
-    fast: bool | None = None,
-) -> Iterator[list[TokenEvent]]:
-    """`generation.stream` through the fast path where supported (fast=None), always (True) or never (False)."""
-    it = (
-        None
-        if fast is False
-        else maybe_stream(model, prompts, params, return_weights=return_weights, should_stop=should_stop)
-    )
-    if it is None:
-        if fast:
-            raise Unsupported(
-                f"the fast path does not support this model or request: "
-                f"{model.__dict__.get(_NO) or 'batch or length beyond its buffers'}"
-            )
-        it = reference_stream(model, prompts, params, return_weights=return_weights, should_stop=should_stop)
-    return it
+def stream(model, prompts: Sequence[Aligned], params=_GREEDY, **kw) -> Iterator[list[TokenEvent]]:
+    """`generation.stream` (which takes the fast path by itself where supported; `fast=True` insists on it)."""
+    from ultrafuser.modeling import generation
+
+    return generation.stream(model, prompts, params, **kw)
 
 
-def generate(
-    model, prompts: Sequence[Aligned], params=_GREEDY, return_weights: bool = False, fast: bool | None = None
-) -> list[Completion]:
+def generate(model, prompts: Sequence[Aligned], params=_GREEDY, return_weights: bool = False,
+             fast: bool | None = None) -> list[Completion]:
     return _collect(stream(model, prompts, params, return_weights=return_weights, fast=fast), prompts)

@@ -166,7 +166,7 @@ class Proj:
     Call with x (G, M, in) -> (G, M, sum of out).
     """
 
-    def __init__(self, parts, adapters, shared: bool, copy: bool, device, dtype):
+    def __init__(self, parts, adapters, shared: bool, copy: bool, device, dtype, lora_precision: str = "auto"):
         G = len(parts)
         self.G, self.shared, self.copy = G, shared, copy
         bases = [[_base_linear(m) for m in p] for p in parts]
@@ -225,7 +225,18 @@ class Proj:
                         S[g, 0, o0 : o0 + n_out] = s
                         r0 += r
                     o0 += n_out
-            self.lora = (A, Bm, S)
+            # On CUDA with a half-precision model the low-rank terms run in the model dtype (fp32 accumulation
+            # inside cuBLAS, the scale folded into B, the add fused into one baddbmm). PEFT computes them in the
+            # adapters' fp32, but fp32 GEMMs this thin (K = hidden, N = rank) hit a slow kernel: measured on an
+            # H200 (bench/gpu_profile.sh), they took 6.2 of 8.6 ms per step at batch 16. The rounding this adds
+            # is far below the bf16 noise the decode-logits calibration measures. CPU (and fp32): PEFT's order.
+            self.lora_lowp = lora_precision == "model" or (
+                lora_precision == "auto" and torch.device(device).type == "cuda"
+                and dtype in (torch.bfloat16, torch.float16))
+            if self.lora_lowp:
+                self.lora = (A.to(dtype), (Bm * S).to(dtype), None)
+            else:
+                self.lora = (A, Bm, S)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.copy and not (
@@ -257,15 +268,19 @@ class Proj:
             )
         if self.lora is not None:
             A, Bm, S = self.lora
-            d = torch.bmm(torch.bmm(x.to(A.dtype), A), Bm) * S  # (G, M, out)
-            y = (y + d).to(y.dtype)
+            if self.lora_lowp:
+                y = torch.baddbmm(y.reshape(Bm.shape[0], -1, Bm.shape[2]), torch.bmm(x.to(A.dtype), A), Bm)
+            else:
+                d = torch.bmm(torch.bmm(x.to(A.dtype), A), Bm) * S  # (G, M, out)
+                y = (y + d).to(y.dtype)
         return y
 
 
 class Group:
     """G specialists of one architecture on one device, decoded as one batch (see the module docstring)."""
 
-    def __init__(self, members, device, weights: str, max_batch: int, max_len: int, attention: str = "bmm"):
+    def __init__(self, members, device, weights: str, max_batch: int, max_len: int, attention: str = "bmm",
+                 lora_precision: str = "auto"):
         """members: [(hf_model, adapter_name | None)]; weights: 'copy' or 'refs'; attention (decode step): 'bmm'
         (scores rounded to the model dtype before an fp32 softmax, like HF eager attention) or 'sdpa' (PyTorch's
         fused kernel: fp32 scores and softmax, like HF's default sdpa attention on CUDA)."""
@@ -308,12 +323,14 @@ class Group:
                         copy,
                         dev,
                         dt,
+                        lora_precision,
                     ),
-                    "o": Proj([[L.self_attn.o_proj] for L in Ls], adapters, self.shared, copy, dev, dt),
-                    "gu": Proj(
-                        [[L.mlp.gate_proj, L.mlp.up_proj] for L in Ls], adapters, self.shared, copy, dev, dt
-                    ),
-                    "down": Proj([[L.mlp.down_proj] for L in Ls], adapters, self.shared, copy, dev, dt),
+                    "o": Proj([[L.self_attn.o_proj] for L in Ls], adapters, self.shared, copy, dev, dt,
+                              lora_precision),
+                    "gu": Proj([[L.mlp.gate_proj, L.mlp.up_proj] for L in Ls], adapters, self.shared, copy, dev,
+                               dt, lora_precision),
+                    "down": Proj([[L.mlp.down_proj] for L in Ls], adapters, self.shared, copy, dev, dt,
+                                 lora_precision),
                 }
             )
         self.norm = stack_vec(lambda m: m.model.norm.weight)

@@ -171,11 +171,31 @@ def stream(
     *,
     return_weights: bool = False,
     should_stop=None,
+    fast: bool | None = None,
 ) -> Iterator[list[TokenEvent]]:
     """Generate for a batch of encoded prompts (see `FusedModel.encode_prompt`); yield each step's events.
 
     `should_stop(row) -> bool` lets a caller (e.g. a server whose client went away) end a row early.
+    `fast`: None (default) decodes through `modeling.fast` (static caches, specialists batched, CUDA graphs)
+    where it supports the model and request and through the straightforward path below otherwise; False always
+    takes the straightforward path (the reference); True insists on the fast path (`Unsupported` otherwise).
+    Both give the same greedy tokens (fp32; tested) and the same seeded samples on the CPU.
     """
+    if fast is not False:
+        from ultrafuser.modeling import fast as fast_path
+
+        it = fast_path.maybe_stream(model, prompts, params, return_weights=return_weights, should_stop=should_stop)
+        if it is not None:
+            return it
+        if fast:
+            raise fast_path.Unsupported(
+                "the fast path does not support this model or request: "
+                f"{model.__dict__.get(fast_path._NO) or 'batch or length beyond its buffers'}"
+            )
+    return _reference_stream(model, prompts, params, return_weights=return_weights, should_stop=should_stop)
+
+
+def _reference_stream(model, prompts, params, *, return_weights: bool, should_stop) -> Iterator[list[TokenEvent]]:
     plist, rows, gens, row_limit = prepare_rows(model, prompts, params)
     limit = max(row_limit)
     domains = model.domains
@@ -208,9 +228,10 @@ def generate(
     prompts: Sequence[Aligned],
     params: SamplingParams | Sequence[SamplingParams] = SamplingParams(),
     return_weights: bool = False,
+    fast: bool | None = None,
 ) -> list[Completion]:
     out = [Completion("", [], "length", p.input_ids) for p in prompts]
-    for events in stream(model, prompts, params, return_weights=return_weights):
+    for events in stream(model, prompts, params, return_weights=return_weights, fast=fast):
         for e in events:
             c = out[e.row]
             c.text += e.text

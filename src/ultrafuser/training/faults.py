@@ -6,7 +6,8 @@ and exits with `EXIT_INTERRUPTED`; `--resume` continues exactly from there.
 Fault injection (tests only): the environment variable `ULTRAFUSER_FAULT` holds comma-separated items
 `POINT[@STEP]=ACTION`. Points: `accum` (after the first micro-batch's backward of step STEP), `ckpt_write`
 (after the first file of checkpoint STEP is written), `stage2_start` (after stage 2 is set up, before its
-first step), `loss` (first micro-batch of step STEP), `grad` (gradients of step STEP before the check).
+first step), `loss` (first micro-batch of step STEP), `grad` (gradients of step STEP before the check), `adapter_saved` (the embedded adapter recipe, after its
+checkpoint of step STEP).
 Actions: `kill` (SIGKILL to this process), `sigterm` (SIGTERM to this process, then continue), `raise`
 (RuntimeError), `enospc` (OSError "no space left on device"), `sleep:SECONDS`, `nan` (the caller makes its
 value non-finite). Unset in normal runs: `fault()` then costs one dict lookup.
