@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from decode import SHAPES, add_lora, build_models, first_only, make_fused, make_prompts, sync  # noqa: E402
+from decode import SHAPES, add_lora, build_models, first_only, make_fused, make_prompts, sync
 
 
 def build(args, dev, dtype):

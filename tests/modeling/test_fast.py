@@ -180,8 +180,12 @@ def test_gate_switch_and_per_row_length_limits(dense):
     with model.gate_mode("uniform"):
         assert ids(dec.generate(prompts, short)) == ids(generate(model, prompts, short))
     with model.gate_mode("onehot:math"):
-        assert fast.maybe_stream(model, prompts, short) is None  # the reference runs one specialist only
-        assert ids(dec.generate(prompts, short)) == ids(generate(model, prompts, short))
+        ref = ids(generate(model, prompts, short))
+        assert ids(dec.generate(prompts, short)) == ref
+        # the automatic choice decodes a one-hot baseline as that specialist alone (a one-specialist view)
+        assert fast.maybe_stream(model, prompts, short, return_weights=True) is None  # weights: the reference's
+        assert ids(fast.generate(model, prompts, short, fast=True)) == ref
+        assert "math" in model.__dict__["_ultrafuser_onehot_views"]
     assert {k[3] for st in dec._states.values() for k in st.graphs} == {
         ("learned", None),
         ("uniform", None),
@@ -372,3 +376,17 @@ def test_lora_terms_in_the_model_dtype_give_the_same_tokens(lora):
     assert ids(dec.generate(prompts, GREEDY)) == want
     with pytest.raises(ValueError, match="lora_precision"):
         FastFusedDecoder(model, max_batch=4, max_len=256, lora_precision="fp8")
+
+
+def test_onehot_baselines_through_the_fast_path(lora):
+    """One-hot variants of LoRA specialists on a shared base (the embedded default's layout) give the reference's
+    tokens through the automatic fast path."""
+    model, prompts, _ = lora
+    short = SamplingParams(max_new_tokens=24, ignore_eos=True)
+    for dom in model.domains:
+        with model.gate_mode(f"onehot:{dom}"):
+            want = ids(generate(model, prompts, short))
+            assert ids(generation.generate(model, prompts, short)) == want, dom
+    assert set(model.__dict__["_ultrafuser_onehot_views"]) == set(model.domains)
+    fast.release(model)
+    assert "_ultrafuser_onehot_views" not in model.__dict__

@@ -45,6 +45,8 @@ CASES = [
     ("max_tokens string", CHAT, chat(max_tokens="2"), J, 400, "invalid_value", "max_tokens"),
     ("max_tokens vs max_completion_tokens", CHAT, chat(max_completion_tokens=3), J, 400, "invalid_value",
      "max_completion_tokens"),
+    ("empty prompt", COMP, comp(prompt=""), J, 400, "invalid_value", "prompt"),
+    ("empty prompt in a list", COMP, comp(prompt=["hi", ""]), J, 400, "invalid_value", "prompt"),
     ("prompt past the context", COMP, comp(prompt="hello world " * 200), J, 400, "context_length_exceeded", "prompt"),
     ("messages past the context", CHAT, chat(messages=[{"role": "user", "content": "x y " * 300}]), J, 400,
      "context_length_exceeded", "messages"),

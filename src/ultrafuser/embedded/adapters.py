@@ -73,7 +73,6 @@ def train_adapter(recipe: AdapterRecipe, config_path: str | None = None) -> dict
 
     from ultrafuser.config import FuseConfig, GateConfig, SpecialistConfig
     from ultrafuser.modeling.fused import FusedModel
-    from ultrafuser.training.faults import fault
     from ultrafuser.training.checkpoint import (
         find_checkpoint,
         list_checkpoints,
@@ -81,6 +80,7 @@ def train_adapter(recipe: AdapterRecipe, config_path: str | None = None) -> dict
         optimizer_files,
         save_checkpoint,
     )
+    from ultrafuser.training.faults import fault
 
     if recipe.threads:
         torch.set_num_threads(recipe.threads)

@@ -42,19 +42,32 @@ def score_unit(task, samples, rows: dict[str, dict]) -> tuple[float | None, int,
         correct = sum(rows[s.id]["correct"] for s in have)
         tokens = sum(rows[s.id]["tokens"] for s in have)
         nll = sum(rows[s.id]["nll_sum"] for s in have)
-        return correct / max(tokens, 1), len(have), {"loss": nll / max(tokens, 1), "tokens": tokens}
+        per = [rows[s.id]["correct"] / max(rows[s.id]["tokens"], 1) for s in have]
+        return correct / max(tokens, 1), len(have), {"loss": nll / max(tokens, 1), "tokens": tokens,
+                                                      "stderr": _stderr(per)}
     answers = [rows[s.id]["answer"] for s in have]
     if task.batch_score is not None:
         scores = task.batch_score(have, answers)
     else:
         scores = [task.score(s, a) for s, a in zip(have, answers)]
     truncated = sum(1 for s in have if rows[s.id].get("finish_reason") == "length")
-    return sum(scores) / len(scores), len(have), {"truncated": truncated}
+    return sum(scores) / len(scores), len(have), {"truncated": truncated, "stderr": _stderr(scores)}
+
+
+def _stderr(xs: list[float]) -> float:
+    """Standard error of the mean of per-sample scores (sampling noise of the held-out set; for 0/1 scores the
+    binomial sqrt(p(1-p)/n))."""
+    n = len(xs)
+    if n < 2:
+        return 0.0
+    m = sum(xs) / n
+    return (sum((x - m) ** 2 for x in xs) / (n - 1) / n) ** 0.5 if any(x not in (0, 1) for x in xs) else (m * (1 - m) / n) ** 0.5
 
 
 def write_report(out: Path, tasks, samples, variants: list[str], domains: list[str], model=None) -> dict[str, Any]:
     models: dict[str, dict] = {}
     details: dict[str, dict] = {}
+    heldout_loss: dict[str, dict] = {}
     n: dict[str, int] = {}
     for v in variants:
         scores: dict[str, float] = {}
@@ -72,8 +85,10 @@ def write_report(out: Path, tasks, samples, variants: list[str], domains: list[s
             details.setdefault(v, {})[t.name] = extra
         by_domain: dict[str, list[float]] = {}
         for t in tasks:
-            if t.name in scores:
+            if t.name in scores and not t.aux:
                 by_domain.setdefault(t.domain, []).append(scores[t.name])
+            if t.kind == "teacher_forced" and "loss" in details.get(v, {}).get(t.name, {}):
+                heldout_loss.setdefault(v, {})[t.domain] = details[v][t.name]["loss"]
         for d, xs in by_domain.items():
             scores[d] = sum(xs) / len(xs)
         dom = [scores[d] for d in ("text", "code", "math") if d in scores]
@@ -89,6 +104,7 @@ def write_report(out: Path, tasks, samples, variants: list[str], domains: list[s
         "metrics": {t.name: t.metric for t in tasks},
         "domains_of_tasks": {t.name: t.domain for t in tasks},
         "details": details,
+        "heldout_loss": heldout_loss,
         "overall_definition": "mean of the domain scores present (text, code, math); each domain = mean of its tasks",
     }
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
@@ -117,8 +133,18 @@ def markdown(report: dict, tasks) -> str:
         f"`{k}`: {v} (n={report['n_samples'].get(k, 0)})" for k, v in report["metrics"].items()), "",
         "| model | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
     for v, sc in report["models"].items():
-        cells = [_pct(sc.get(k)) for k in names + doms + ["overall"]]
+        se = {k: d.get("stderr") for k, d in report.get("details", {}).get(v, {}).items()}
+        cells = [_pct(sc.get(k)) + (f" ±{100 * se[k]:.1f}" if se.get(k) and sc.get(k) is not None else "")
+                 for k in names] + [_pct(sc.get(k)) for k in doms + ["overall"]]
         lines.append(f"| {v} | " + " | ".join(cells) + " |")
+    lines += ["", "± = standard error of the mean over the samples (the held-out set's sampling noise; it does "
+              "not include run-to-run training noise)."]
+    if report.get("heldout_loss"):
+        ldoms = [d for d in ("text", "code", "math") if any(d in x for x in report["heldout_loss"].values())]
+        lines += ["", "## Held-out loss (nats per reply token, teacher-forced; lower is better)", "",
+                  "| model | " + " | ".join(ldoms) + " |", "|---" * (len(ldoms) + 1) + "|"]
+        for v, ls in report["heldout_loss"].items():
+            lines.append(f"| {v} | " + " | ".join(f"{ls[d]:.3f}" if d in ls else "–" for d in ldoms) + " |")
     if report["gate"]:
         specs = list(next(iter(report["gate"].values())).keys())
         lines += ["", "## Average gate weight per domain (paper Table 6)", "",

@@ -168,7 +168,7 @@ def reference_conversation(sample: Sample) -> list[dict] | None:
 
 
 def evaluate(model, task_names: list[str], out_dir: str, *, variants: list[str] | None = None,
-             data_dir: str = "data/benchmarks", batch_size: int = 16, limit: int | None = None,
+             data_dir: str = "data/benchmarks", batch_size: int = 16, limit: int | dict[str, int] | None = None,
              progress: bool = True, judge=None) -> dict[str, Any]:
     """Run every (variant, task) pair (resuming from the cache), then write and return the report."""
     from tqdm import tqdm
@@ -181,7 +181,11 @@ def evaluate(model, task_names: list[str], out_dir: str, *, variants: list[str] 
     variants = variants or default_variants(model)
     for v in variants:
         variant_gate(v)
-    samples = {t.name: t.load(data_dir)[:limit] if limit else t.load(data_dir) for t in tasks}
+    def cap(t):  # `limit`: one number for every task, or {task name: number}
+        n = limit.get(t.name) if isinstance(limit, dict) else limit
+        return t.load(data_dir)[:n] if n else t.load(data_dir)
+
+    samples = {t.name: cap(t) for t in tasks}
     plan = {"variants": variants, "tasks": {t.name: len(samples[t.name]) for t in tasks},
             "units": len(variants) * len(tasks), "domains": model.domains}
     (out / "plan.json").write_text(json.dumps(plan, indent=2) + "\n")
@@ -198,6 +202,8 @@ def evaluate(model, task_names: list[str], out_dir: str, *, variants: list[str] 
     if model.gate is not None:
         by_domain: dict[str, list[Sample]] = {}
         for t in tasks:
+            if t.aux:  # the same conversations as its domain's main task
+                continue
             convs = [Sample(s.id, c, {}) for s in samples[t.name] if (c := reference_conversation(s))]
             if convs:
                 by_domain.setdefault(t.domain, []).extend(convs[:100])  # the paper: 100 samples per domain

@@ -45,6 +45,8 @@ class Task:
     # `judged`: answers graded by an LLM judge, e.g. MT-Bench, AlpacaEval): the runner calls
     # evaluate(samples, ctx: text_tasks.EvalContext) -> text_tasks.TaskResult instead of generate + score.
     evaluate: Callable[[list[Sample], Any], Any] | None = None
+    # auxiliary tasks (held-out loss of a generation domain) are reported on their own, not in domain averages
+    aux: bool = False
 
 
 def _read_rows(path: Path) -> list[dict]:
@@ -78,7 +80,10 @@ def _local_or_cache(data_dir: str, name: str, hub: tuple[str, str | None, str], 
 # ------------------------------------------------------------------------------------------- embedded sets
 
 
-def _embedded(domain: str) -> Callable[[str], list[Sample]]:
+def _embedded(domain: str, whole: bool = False) -> Callable[[str], list[Sample]]:
+    """The embedded default's held-out set of `domain`: prompts (+ reference and task) for generation, or the
+    whole conversations (`whole`, and always for text) for teacher-forced scoring."""
+
     def load(data_dir: str) -> list[Sample]:
         p = Path(os.environ.get("ULTRAFUSER_EMBEDDED_DATA", "data/embedded")) / f"{domain}-heldout.jsonl"
         if not p.is_file():
@@ -86,7 +91,7 @@ def _embedded(domain: str) -> Callable[[str], list[Sample]]:
         out = []
         for r in _read_rows(p):
             msgs = r["messages"]
-            if domain == "text":
+            if domain == "text" or whole:
                 out.append(Sample(r["id"], msgs, {}))
             else:
                 out.append(Sample(r["id"], msgs[:-1], {"task": r.get("task"), "reference": msgs[-1]["content"]}))
@@ -186,7 +191,13 @@ TASKS: dict[str, Task] = {
     "embedded-code": Task("embedded-code", "code", "generate", "unit-test pass rate (sandboxed)",
                           _embedded("code"), batch_score=_batch_score_code, max_new_tokens=192),
     "embedded-math": Task("embedded-math", "math", "generate", "exact final answer (math-verify)",
-                          _embedded("math"), score=_score_math, max_new_tokens=160),
+                          _embedded("math"), score=_score_math, max_new_tokens=128),
+    "embedded-code-loss": Task("embedded-code-loss", "code", "teacher_forced",
+                               "held-out reply loss (nats/token; token accuracy as score)",
+                               _embedded("code", whole=True), aux=True),
+    "embedded-math-loss": Task("embedded-math-loss", "math", "teacher_forced",
+                               "held-out reply loss (nats/token; token accuracy as score)",
+                               _embedded("math", whole=True), aux=True),
     "humaneval": Task("humaneval", "code", "generate", "pass@1 (greedy, sandboxed)", _humaneval,
                       batch_score=_batch_score_humaneval, max_new_tokens=384),
     "gsm8k": Task("gsm8k", "math", "generate", "exact final answer", _gsm8k, score=_score_math, max_new_tokens=384),

@@ -671,9 +671,10 @@ def fast_decoder_for(model, batch: int, length: int) -> FastFusedDecoder | None:
 
 
 def release(model) -> None:
-    """Drop the cached fast decoder of `model` (its static caches and weight copies)."""
+    """Drop the cached fast decoders of `model` (static caches and weight copies), one-hot views' included."""
     model.__dict__.pop(_ATTR, None)
     model.__dict__.pop(_NO, None)
+    model.__dict__.pop("_ultrafuser_onehot_views", None)
 
 
 def reference_stream(model, prompts, params=_GREEDY, **kw) -> Iterator[list[TokenEvent]]:
@@ -691,7 +692,15 @@ def maybe_stream(
     if not prompts or any(m.training for m in model.models):
         return None  # specialists in training mode (dropout): the reference path
     if model.config.gate.mode == "onehot":
-        return None  # a one-hot baseline: the reference path runs only that specialist
+        if return_weights:
+            return None  # the reference reports the one-hot weights of every specialist
+        # a one-hot baseline is that specialist alone: decode it through a one-specialist view of the model
+        view = _onehot_view(model)
+        k = view._ultrafuser_onehot_index
+        only = [_only(p, k) for p in prompts]
+        if row_limits(view, only, plist) != row_limits(model, prompts, plist):
+            return None  # the fused context (the smallest specialist's) binds: the reference keeps its limit
+        model, prompts = view, only
     if any(n == 0 for p in prompts for n in p.lengths):
         return None  # empty prompts: whatever the reference path does with them
     new = max(row_limits(model, prompts, plist))
@@ -702,6 +711,30 @@ def maybe_stream(
     if dec is None or dec.capacity_error(prompts, new):
         return None
     return dec.stream(prompts, params, return_weights=return_weights, should_stop=should_stop)
+
+
+def _onehot_view(model):
+    """A one-specialist FusedModel sharing `model`'s specialist (same modules, no copies), cached per domain;
+    its fast decoder is cached on it like any model's."""
+    from ultrafuser.config import GateConfig
+    from ultrafuser.modeling.fused import FusedModel
+
+    dom = model.config.gate.onehot_domain
+    views = model.__dict__.setdefault("_ultrafuser_onehot_views", {})
+    if dom not in views:
+        k = model.domains.index(dom)
+        cfg = model.config.model_copy(update={"specialists": [model.config.specialists[k]],
+                                              "gate": GateConfig(mode="uniform"), "response_tokenizer": 0})
+        view = FusedModel(cfg, [model.specialists[k]], model.vocab_size, model.eos_token_id)
+        view.stop_token_ids = model.stop_token_ids
+        view.__dict__["_ultrafuser_onehot_index"] = k
+        views[dom] = view
+    return views[dom]
+
+
+def _only(p: Aligned, k: int) -> Aligned:
+    return Aligned(input_ids=p.input_ids[k : k + 1], target_positions=p.target_positions[k : k + 1],
+                   targets=p.targets)
 
 
 def stream(model, prompts: Sequence[Aligned], params=_GREEDY, **kw) -> Iterator[list[TokenEvent]]:

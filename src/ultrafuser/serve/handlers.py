@@ -228,7 +228,10 @@ async def prepare_completion(body: dict, engine, limits: Limits, model_name: str
     except (ConfigError, ValueError) as e:
         raise bad_request(str(e), "prompt") from None
     rows: list[Row] = []
-    for p in prompts:
+    for i, p in enumerate(prompts):
+        if min(p.lengths) == 0:  # nothing to condition on: no specialist can start from an empty context
+            where = f"prompt[{i}]" if not isinstance(req.prompt, str) else "prompt"
+            raise bad_request(f"{where} is empty after tokenization; give at least one token of text", "prompt")
         max_new = _max_new_tokens(engine, p, requested, limits, "prompt")
         rows += [Row(p, _sampling(req, max_new, i)) for i in range(req.n)]
     return Prepared("completion", req, rows, sum(engine.prompt_tokens(p) for p in prompts), model_name,
