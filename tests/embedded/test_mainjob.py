@@ -45,7 +45,7 @@ def test_main_job_reduced(tiny_dir, small_data, tmp_path):
     out = tmp_path / "run"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO / "src")}
     cmd = [sys.executable, "-m", "ultrafuser.cli", "embedded", "run", "--out", str(out), "--base", tiny_dir["text"],
-           "--adapters", str(adapters), "--data-dir", str(small_data), "--limit", "2",
+           "--adapters", str(adapters), "--data-dir", str(small_data), "--limit", "2", "--publish", str(tmp_path / "pub"),
            "stage1.steps=2", "stage1.per_domain=1", "stage1.micro_batch=3", "stage2.steps=1",
            "stage2.per_domain=1", "stage2.micro_batch=3", "save_every=1", "data.max_length=256"]
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=900)
@@ -57,6 +57,9 @@ def test_main_job_reduced(tiny_dir, small_data, tmp_path):
         assert set(scores) == {"text", "code", "math", "overall"}
         assert scores["overall"] == pytest.approx((scores["text"] + scores["code"] + scores["math"]) / 3)
     assert rep["higher_is_better"] is True
+    assert set(rep["heldout_loss"]) == names
+    assert all(set(x) == {"text", "code", "math"} and min(x.values()) > 0 for x in rep["heldout_loss"].values())
+    assert rep["stderr"]["fused"]["embedded-math"] is not None
     assert set(rep["gate"]) == {"text", "code", "math"}
     for ws in rep["gate"].values():
         assert set(ws) == {"text", "code", "math"} and sum(ws.values()) == pytest.approx(1, abs=1e-5)
@@ -80,6 +83,11 @@ def test_main_job_reduced(tiny_dir, small_data, tmp_path):
         rows = [json.loads(x) for x in (gen / v.replace(":", "_") / "embedded-code.jsonl").read_text().splitlines()]
         summary, verdicts = score_function_tasks([{"task": held[x["id"]]["task"], "completion": x["answer"]} for x in rows])
         assert rep["models"][v]["code"] == pytest.approx(sum(v_["passed"] for v_ in verdicts) / len(verdicts))
+    # --publish copied the trained model with its provenance (no paths of this machine in it)
+    prov = json.loads((tmp_path / "pub" / "provenance.json").read_text())
+    assert prov["models"] == rep["models"] and prov["command"].startswith("ultrafuser embedded run")
+    assert str(tmp_path) not in json.dumps(prov)
+    assert (tmp_path / "pub" / "gate.safetensors").is_file() and (tmp_path / "pub" / "ultrafuser.json").is_file()
     # the trained fused directory generates through the CLI
     g = subprocess.run([sys.executable, "-m", "ultrafuser.cli", "generate", str(out / "train" / "final"), "--prompt",
                         "hi", "--max-new-tokens", "3", "--json"], capture_output=True, text=True, env=env, cwd=REPO)

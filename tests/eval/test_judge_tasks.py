@@ -455,3 +455,34 @@ def test_grade_mtbench_reports_skips_apart_from_errors(judge_server):
     res = grade_mtbench(samples, [["a", None], [None, None]], judge)
     assert [r["status"] for r in res.records] == ["scored", "skipped", "skipped", "skipped"]
     assert (res.summary["n_scored"], res.summary["n_errors"], res.summary["n_skipped"]) == (1, 0, 3)
+
+
+def test_judged_unit_resumes_from_its_per_sample_caches(fused, judge_server, tmp_path):
+    """A judged unit interrupted before its result is kept reruns only what it had not finished: the model's
+    answers are reused and only the verdicts that had failed are asked again."""
+    import dataclasses
+
+    from ultrafuser.eval.runner import run_unit
+
+    task = dataclasses.replace(TASKS["alpacaeval"], max_new_tokens=4)
+    samples = task.load(_write_alpaca(tmp_path, 8))
+    out = tmp_path / "eval"
+
+    def half(messages, attempt):  # the judge fails (HTTP 500) for items 4..7
+        i = int(re.search(r"item (\d+)", messages[-1]["content"]).group(1))
+        return (500, "boom") if i >= 4 else _prefer("model")(messages, attempt)
+
+    _, j1 = judge_server(half)
+    path = run_unit(fused, "uniform", task, samples, out, 4, judge=j1)
+    first = json.loads(path.read_text())["summary"]
+    assert first["n_scored"] == 4 and first["n_errors"] == 4
+    answers = (path.parent / "alpacaeval.answers.jsonl").read_text().splitlines()
+    assert len(answers) == 8
+    assert len((path.parent / "alpacaeval.judge.jsonl").read_text().splitlines()) == 4  # scored verdicts only
+    path.unlink()  # as if the process died before the unit's result file was written
+    srv2, j2 = judge_server(_prefer("model"))
+    path = run_unit(fused, "uniform", task, samples, out, 4, judge=j2)
+    again = json.loads(path.read_text())["summary"]
+    assert again["n_scored"] == 8 and again["score"] == 1.0
+    assert len(srv2.log) == 4  # only the 4 failed verdicts were asked again
+    assert (path.parent / "alpacaeval.answers.jsonl").read_text().splitlines() == answers  # nothing regenerated

@@ -97,3 +97,24 @@ def test_whole_task_results_join_the_report(tiny_dir, tmp_path):
         assert scores["truthfulqa-mc2"] == res["summary"]["score"] and 0 <= scores["text"] <= 1
     # a specialist alone differs from the other one (the variants really are different models)
     assert rep["models"]["specialist:text"]["truthfulqa-mc2"] != rep["models"]["specialist:code"]["truthfulqa-mc2"]
+
+
+def test_standard_errors_of_per_sample_scores():
+    from ultrafuser.eval.report import _stderr
+
+    assert _stderr([1, 0, 1, 1]) == pytest.approx((0.75 * 0.25 / 4) ** 0.5)  # binomial
+    xs = [0.5, 1.0, 0.25]
+    m = sum(xs) / 3
+    assert _stderr(xs) == pytest.approx((sum((x - m) ** 2 for x in xs) / 2 / 3) ** 0.5)
+    assert _stderr([1.0]) == 0.0
+
+
+def test_main_job_sizes_parse_and_refuse_bad_values():
+    from ultrafuser.config import ConfigError
+    from ultrafuser.embedded.mainjob import parse_sizes
+
+    assert parse_sizes("text=5,math=3") == {"embedded-text": 5, "embedded-math": 3, "embedded-math-loss": 3}
+    assert parse_sizes("all") is None
+    for bad in ("text=0", "poetry=3", "math=x", "math"):
+        with pytest.raises(ConfigError, match="--sizes"):
+            parse_sizes(bad)

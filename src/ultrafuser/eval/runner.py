@@ -101,14 +101,26 @@ def _generate(model, task: Task, samples: list[Sample], batch_size: int) -> list
 def _run_whole_task(model, variant: str, task: Task, samples: list[Sample], out_dir: Path, batch_size: int,
                     judge=None, progress=None) -> Path:
     """Tasks with their own `evaluate` (TruthfulQA-MC2, MT-Bench, AlpacaEval): one result file per unit,
-    written atomically when the unit finishes (a unit interrupted midway is redone)."""
+    written atomically when the unit finishes; the answers and scored judgements inside it are cached per
+    sample (eval/unitcache.py), so a unit interrupted midway resumes and redoes only what it had not done."""
     from ultrafuser.eval.text_tasks import EvalContext
 
     path = out_dir / "generations" / variant.replace(":", "_") / f"{task.name}.result.json"
     if path.is_file():
         return path
+    from ultrafuser.eval.judge import Judge, JudgeConfig
+    from ultrafuser.eval.text_tasks import model_answerer
+    from ultrafuser.eval.unitcache import CachingJudge, caching_answerer
+
+    # answers and scored verdicts are cached per sample, so an interrupted unit resumes (eval/unitcache.py)
+    stem = path.parent / task.name
+    answerer = caching_answerer(model_answerer(model, batch_size), stem.with_suffix(".answers.jsonl"), batch_size)
+    if isinstance(judge, JudgeConfig):
+        judge = Judge(judge)
+    if judge is not None:
+        judge = CachingJudge(judge, stem.with_suffix(".judge.jsonl"))
     with model.gate_mode(variant_gate(variant)):
-        res = task.evaluate(samples, EvalContext(model=model, judge=judge, batch_size=batch_size,
+        res = task.evaluate(samples, EvalContext(model=model, answerer=answerer, judge=judge, batch_size=batch_size,
                                                  max_new_tokens=task.max_new_tokens))
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")

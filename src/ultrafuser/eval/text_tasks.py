@@ -95,7 +95,7 @@ class EvalContext:
     def get_judge(self, task: str):
         from ultrafuser.eval.judge import Judge, JudgeConfig
 
-        if isinstance(self.judge, Judge):
+        if isinstance(self.judge, Judge) or hasattr(self.judge, "grade"):  # a Judge or a wrapper (unitcache)
             return self.judge
         if isinstance(self.judge, JudgeConfig):
             self.judge = Judge(self.judge)
