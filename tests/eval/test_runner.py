@@ -118,3 +118,32 @@ def test_main_job_sizes_parse_and_refuse_bad_values():
     for bad in ("text=0", "poetry=3", "math=x", "math"):
         with pytest.raises(ConfigError, match="--sizes"):
             parse_sizes(bad)
+
+
+def test_one_pass_teacher_forcing_equals_separate_passes(tiny_dir, heldout, tmp_path):
+    """Teacher-forced tasks fill every variant from one forward pass of all specialists; the rows are what a
+    separate pass per variant (one-hot, uniform, learned gate) gives."""
+    import torch
+
+    from ultrafuser.eval.runner import _read_cache, _teacher_forced, _teacher_forced_all_variants
+
+    cfg = FuseConfig(specialists=[SpecialistConfig(domain=d, path=tiny_dir[d]) for d in ("text", "code", "math")],
+                     gate=GateConfig())
+    model = FusedModel.from_config(cfg)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.gate.parameters():  # a non-trivial gate
+            p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+    variants = ["specialist:text", "specialist:code", "specialist:math", "uniform", "fused"]
+    task = TASKS["embedded-text"]
+    samples = task.load("unused")
+    _teacher_forced_all_variants(model, variants, task, samples, tmp_path, batch_size=2)
+    for v, gate in zip(variants, ["onehot:text", "onehot:code", "onehot:math", "uniform", "learned"]):
+        got = _read_cache(tmp_path / "generations" / v.replace(":", "_") / "embedded-text.jsonl")
+        with model.gate_mode(gate):
+            want = {r["id"]: r for r in _teacher_forced(model, samples, batch_size=2)}
+        assert got.keys() == want.keys()
+        for i in want:
+            assert got[i]["correct"] == want[i]["correct"] and got[i]["tokens"] == want[i]["tokens"], (v, i)
+            assert got[i]["nll_sum"] == pytest.approx(want[i]["nll_sum"], rel=1e-5), (v, i)
+            assert got[i]["gate_mean"] == pytest.approx(want[i]["gate_mean"], abs=1e-6), (v, i)
