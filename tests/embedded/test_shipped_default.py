@@ -24,7 +24,8 @@ def test_shipped_default_is_complete_and_portable():
     prov = json.loads((SHIPPED / "provenance.json").read_text())
     assert prov["command"].startswith("ultrafuser embedded run")
     assert set(prov["models"]) == {"specialist:text", "specialist:code", "specialist:math", "uniform", "fused"}
-    text = json.dumps(meta) + json.dumps(prov)
+    text = json.dumps(meta) + json.dumps(prov) + "".join(
+        p.read_text() for p in SHIPPED.glob("specialists/*/adapter_config.json"))
     assert "/root" not in text and "/home" not in text and "/tmp" not in text and "/work" not in text
 
 

@@ -40,6 +40,12 @@ def _save_adapter(spec, dest: Path) -> None:
     saved = scratch / spec.adapter if (scratch / spec.adapter / "adapter_config.json").is_file() else scratch
     shutil.move(str(saved), str(dest))
     shutil.rmtree(scratch, ignore_errors=True)
+    if spec.config.path.startswith("embedded:"):  # PEFT wrote the cache folder of this machine; name it portably
+        import json
+
+        cfg = json.loads((dest / "adapter_config.json").read_text())
+        cfg["base_model_name_or_path"] = spec.config.path
+        (dest / "adapter_config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
 
 
 def _save_dense(spec, dest: Path) -> None:
