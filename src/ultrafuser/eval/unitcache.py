@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -37,14 +36,11 @@ def _load(path: Path) -> dict[str, dict]:
 
 
 def _append(path: Path, rows: list[dict]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torn = path.is_file() and path.stat().st_size > 0 and path.read_bytes()[-1:] != b"\n"
-    with open(path, "a") as f:
-        if torn:
-            f.write("\n")
-        f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
-        f.flush()
-        os.fsync(f.fileno())
+    from ultrafuser.eval.runner import (
+        _append as append_rows,  # the eval caches' one append (torn line, fsync)
+    )
+
+    append_rows(path, rows)
 
 
 def caching_answerer(inner: Callable, path: Path, batch_size: int) -> Callable:
