@@ -37,7 +37,7 @@ def small_data(tmp_path):
     return d
 
 
-@pytest.mark.slow  # ~3 min idle, ~11 min on a loaded 2-core machine: run with `scripts/test.sh -m slow`
+# ~45 s on the idle 2-core machine (tiny models): part of the default run
 def test_main_job_reduced(tiny_dir, small_data, tmp_path):
     adapters = tmp_path / "adapters"
     make_lora(tiny_dir["text"], adapters / "code", seed=11)
