@@ -43,6 +43,7 @@ from ultrafuser.modeling.generation import (
     SamplingParams,
     TokenEvent,
     _pick,
+    collect,
     prepare_rows,
     row_limits,
 )
@@ -607,7 +608,7 @@ class FastFusedDecoder:
         return_weights: bool = False,
     ) -> list[Completion]:
         """Same as `generation.generate`: one `Completion` (text, token_ids, finish_reason, …) per prompt."""
-        return _collect(self.stream(prompts, params, return_weights=return_weights), prompts)
+        return collect(self.stream(prompts, params, return_weights=return_weights), prompts)
 
     def generate_ids(self, prompts: Sequence[Aligned], params: SamplingParams = _GREEDY) -> list[list[int]]:
         return [c.token_ids for c in self.generate(prompts, params)]
@@ -626,19 +627,6 @@ def _on_device(d):
     return torch.cuda.device(d) if _is_cuda(d) else contextlib.nullcontext()
 
 
-def _collect(events_iter, prompts) -> list[Completion]:
-    out = [Completion("", [], "length", p.input_ids) for p in prompts]
-    for events in events_iter:
-        for e in events:
-            c = out[e.row]
-            c.text += e.text
-            if not e.is_eos:
-                c.token_ids.append(e.token_id)
-            if e.weights is not None:
-                c.weights.append(e.weights)
-            if e.finish_reason:
-                c.finish_reason = e.finish_reason
-    return out
 
 
 # --------------------------------------------------------------------------------------------- automatic choice
@@ -746,4 +734,4 @@ def stream(model, prompts: Sequence[Aligned], params=_GREEDY, **kw) -> Iterator[
 
 def generate(model, prompts: Sequence[Aligned], params=_GREEDY, return_weights: bool = False,
              fast: bool | None = None) -> list[Completion]:
-    return _collect(stream(model, prompts, params, return_weights=return_weights, fast=fast), prompts)
+    return collect(stream(model, prompts, params, return_weights=return_weights, fast=fast), prompts)

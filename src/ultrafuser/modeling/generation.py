@@ -230,8 +230,13 @@ def generate(
     return_weights: bool = False,
     fast: bool | None = None,
 ) -> list[Completion]:
+    return collect(stream(model, prompts, params, return_weights=return_weights, fast=fast), prompts)
+
+
+def collect(events_iter, prompts: Sequence[Aligned]) -> list[Completion]:
+    """Gather a stream's per-step events into one `Completion` per prompt."""
     out = [Completion("", [], "length", p.input_ids) for p in prompts]
-    for events in stream(model, prompts, params, return_weights=return_weights, fast=fast):
+    for events in events_iter:
         for e in events:
             c = out[e.row]
             c.text += e.text
