@@ -45,7 +45,7 @@ def test_main_job_reduced(tiny_dir, small_data, tmp_path):
     out = tmp_path / "run"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO / "src")}
     cmd = [sys.executable, "-m", "ultrafuser.cli", "embedded", "run", "--out", str(out), "--base", tiny_dir["text"],
-           "--adapters", str(adapters), "--data-dir", str(small_data), "--limit", "2", "--publish", str(tmp_path / "pub"),
+           "--adapters", str(adapters), "--data-dir", str(small_data), "--limit", "2", "--publish", str(tmp_path / "pub"), "--seeds", "0,1",
            "stage1.steps=2", "stage1.per_domain=1", "stage1.micro_batch=3", "stage2.steps=1",
            "stage2.per_domain=1", "stage2.micro_batch=3", "save_every=1", "data.max_length=256"]
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=900)
@@ -83,6 +83,32 @@ def test_main_job_reduced(tiny_dir, small_data, tmp_path):
         rows = [json.loads(x) for x in (gen / v.replace(":", "_") / "embedded-code.jsonl").read_text().splitlines()]
         summary, verdicts = score_function_tasks([{"task": held[x["id"]]["task"], "completion": x["answer"]} for x in rows])
         assert rep["models"][v]["code"] == pytest.approx(sum(v_["passed"] for v_ in verdicts) / len(verdicts))
+    # the baselines are the specialists as they were before fusion (stage 2 trains their adapters): the cached
+    # teacher-forced row of specialist:code equals the untrained fused directory's one-hot pass
+    import torch
+
+    from ultrafuser.eval.runner import _teacher_forced
+    from ultrafuser.eval.tasks import get_tasks
+    from ultrafuser.modeling.fused import FusedModel
+
+    os.environ["ULTRAFUSER_EMBEDDED_DATA"] = str(small_data)
+    sample = get_tasks(["embedded-text"])[0].load("")[0]
+    cached = {json.loads(x)["id"]: json.loads(x)
+              for x in (gen / "specialist_code" / "embedded-text.jsonl").read_text().splitlines()}[sample.id]
+    for d, same in (("fused", True), ("train/final", False)):
+        m = FusedModel.from_pretrained(out / d)
+        with m.gate_mode("onehot:code"):
+            row = _teacher_forced(m, [sample], 1)[0]
+        assert (row["nll_sum"] == pytest.approx(cached["nll_sum"], rel=1e-5)) is same, d
+    # --seeds 0,1: seed 1 re-trained and its fused model evaluated; the spread is reported
+    seeds = rep["seeds"]
+    assert set(seeds["fused"]) == {"0", "1"} and seeds["fused"]["0"] == rep["models"]["fused"]
+    seed1 = json.loads((out / "seed-1" / "eval" / "report.json").read_text())
+    assert set(seed1["models"]) == {"fused"} and seeds["fused"]["1"] == seed1["models"]["fused"]
+    for k in ("text", "code", "math", "overall"):
+        v = [seeds["fused"][s][k] for s in ("0", "1")]
+        assert seeds["mean"][k] == pytest.approx(sum(v) / 2) and seeds["range"][k] == [min(v), max(v)]
+    assert "Seed spread" in r.stdout
     # --publish copied the trained model with its provenance (no paths of this machine in it)
     prov = json.loads((tmp_path / "pub" / "provenance.json").read_text())
     assert prov["models"] == rep["models"] and prov["command"].startswith("ultrafuser embedded run")

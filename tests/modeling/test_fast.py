@@ -97,6 +97,28 @@ def test_lora_shared_base_runs_as_one_batch(lora):
     assert ids(dec.generate(prompts, GREEDY)) == want
 
 
+def test_prefill_skips_left_padding_row_by_row(dense, lora):
+    """On the CPU, prompts of different lengths are prefilled one row at a time into their own slot range (no
+    compute on left padding); same-length prompts keep one batched prefill. Tokens equal the reference either way."""
+    for model, prompts, want in (dense, lora):
+        dec = FastFusedDecoder(model, max_batch=4, max_len=256)
+        g = dec.groups[0]
+        calls, orig = [], g.prefill
+
+        def spy(ids, mask, row0=0, slot0=0):
+            calls.append((ids.shape[1], row0, slot0))
+            return orig(ids, mask, row0, slot0)
+
+        g.prefill = spy
+        assert ids(dec.generate(prompts, GREEDY)) == want
+        assert [c[:2] for c in calls] == [(1, 0), (1, 1), (1, 2)]
+        assert min(c[2] for c in calls) == 0 and max(c[2] for c in calls) > 0  # the shorter rows start later
+        calls.clear()
+        same = [prompts[1], prompts[1]]
+        assert ids(dec.generate(same, GREEDY)) == [want[1], want[1]]
+        assert calls == [(2, 0, 0)]
+
+
 def test_teacher_forced_logits_match(dense, lora):
     for model, prompts, _ in (dense, lora):
         dec = FastFusedDecoder(model, max_batch=4, max_len=256)

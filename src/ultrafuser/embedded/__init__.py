@@ -16,6 +16,7 @@ def register(sub) -> None:
     td.add_argument("--n-train", type=int, default=300)
     td.add_argument("--n-heldout", type=int, default=48)
     td.add_argument("--seed", type=int, default=0)
+    td.add_argument("--temperature", type=float, default=1.0, help="sampling temperature of the replies (0 = greedy)")
     td.add_argument("--out", default="data/embedded")
     td.set_defaults(func=_build_text)
     bd = s.add_parser("build-data", help="(re)build the bundled math and code data from the generators")
@@ -35,7 +36,7 @@ def register(sub) -> None:
 def _build_text(args) -> int:
     from ultrafuser.embedded.textdata import build
 
-    print(build(args.n_train, args.n_heldout, args.out, seed=args.seed))
+    print(build(args.n_train, args.n_heldout, args.out, seed=args.seed, temperature=args.temperature))
     return 0
 
 

@@ -5,9 +5,14 @@
    adapters (`models/embedded-default/adapters/`, made by `configs/embedded/adapter-*.yaml`);
 3. train: stage 1 (the gate only, frozen specialists, cached hidden states), then a brief stage 2 (the gate
    and the specialists' LoRA adapters), balanced over the three domains (`configs/embedded/fuser.yaml`);
-4. evaluate the three specialists alone, uniform logit averaging and the trained fuser on the held-out text,
-   code and math sets (`data/embedded/*-heldout.jsonl`; `--humaneval` adds HumanEval);
+4. evaluate the three specialists alone and uniform logit averaging — the specialists as they were before
+   fusion (stage 2 changes their adapters) — and the trained fuser on the held-out text, code and math sets
+   (`data/embedded/*-heldout.jsonl`; `--humaneval` adds HumanEval);
 5. write `runs/embedded/report.json` (+ report.md, gate heat map, token routing) and print the table.
+
+`--seeds 0,1,2` repeats training and the fused model's evaluation for every further seed (`seed-N/` under the
+output folder; the baselines decode greedily from fixed models, so they do not change with the seed) and reports
+the fused scores' spread over seeds: the run-to-run noise the paper-claim check compares against.
 
 Everything goes under `--out` (default `runs/embedded/`, git-ignored); a re-run resumes: training from its
 last checkpoint, evaluation from its cached generations.
@@ -64,6 +69,8 @@ def register(sub) -> None:
     r.add_argument("--data-dir", default="data/embedded", help="folder with {text,code,math}-{train,heldout}.jsonl")
     r.add_argument("--publish", nargs="?", const=str(SHIPPED), metavar="DIR",
                    help=f"also copy the trained fused model (+ its provenance) to DIR (default {SHIPPED})")
+    r.add_argument("--seeds", default="0", help="comma-separated training seeds (default 0); the first is the main "
+                   "run, the others re-train and re-evaluate the fused model to measure the seed spread")
     r.add_argument("overrides", nargs="*", help="training config overrides, key=value")
     r.set_defaults(func=run)
 
@@ -95,6 +102,7 @@ def run(args) -> int:
 
     _quiet_transformers()
     limit = args.limit if args.limit else parse_sizes(args.sizes)  # bad sizes fail before any work
+    seeds = parse_seeds(args.seeds)
     t0 = time.time()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -114,24 +122,47 @@ def run(args) -> int:
 
         _say(f"    building the text-domain data once into {data} (self-distilled replies; slow on a CPU)")
         build_text(300, 48, str(data))
-    _say("3/5 train: stage 1 (gate) then stage 2 (gate + adapters)")
     train_files = [str(data / f"{d}-train.jsonl") for d in ("text", "code", "math")]
-    cfg = load_yaml(args.config, TrainConfig, [f"model={out / 'fused'}", f"output_dir={out / 'train'}",
-                                               f"data.train={json.dumps(train_files)}", *args.overrides])
+
+    def train_seed(seed: int, run_dir: Path) -> int:
+        cfg = load_yaml(args.config, TrainConfig, [f"model={out / 'fused'}", f"output_dir={run_dir / 'train'}",
+                                                   f"data.train={json.dumps(train_files)}", *args.overrides, f"seed={seed}"])
+        ck = run_dir / "train" / "checkpoints"
+        return train(cfg, resume=ck.is_dir() and any(ck.iterdir()))
+
+    _say(f"3/5 train (seed {seeds[0]}): stage 1 (gate) then stage 2 (gate + adapters)")
     t = time.time()
-    resume = (out / "train" / "checkpoints").is_dir() and any((out / "train" / "checkpoints").iterdir())
-    code = train(cfg, resume=resume)
+    code = train_seed(seeds[0], out)
     if code != 0:
         return code
     timings["train_s"] = round(time.time() - t, 1)
-    _say("4/5 evaluate: each specialist, uniform averaging, the trained fuser")
+    _say("4/5 evaluate: each specialist, uniform averaging (the specialists before fusion), the trained fuser")
     t = time.time()
-    model = FusedModel.from_pretrained(out / "train" / "final")
     tasks = TASKS + LOSS_TASKS + (["humaneval"] if args.humaneval else [])
     # generation batches hold every sample (one batch per task); teacher-forced batches stay small, since each
     # holds (batch x reply tokens x 49k) fp32 logits for every specialist
-    rep = evaluate(model, tasks, str(out / "eval"), limit=limit, batch_size=64, tf_batch_size=8)
+    kw = dict(limit=limit, batch_size=64, tf_batch_size=8)
+    base_model = FusedModel.from_pretrained(out / "fused")  # the original specialists (untrained gate)
+    baselines = [f"specialist:{d}" for d in base_model.domains] + ["uniform"]
+    evaluate(base_model, tasks, str(out / "eval"), variants=baselines, **kw)
+    del base_model
+    model = FusedModel.from_pretrained(out / "train" / "final")
+    # the baselines' cached outputs are reused; only the trained fuser is evaluated here (+ its gate profile)
+    rep = evaluate(model, tasks, str(out / "eval"), variants=baselines + ["fused"], **kw)
+    del model
     timings["eval_s"] = round(time.time() - t, 1)
+    seed_runs = {}
+    for seed in seeds[1:]:
+        _say(f"    seed {seed}: train, then evaluate the fused model (under {out / f'seed-{seed}'})")
+        t = time.time()
+        code = train_seed(seed, out / f"seed-{seed}")
+        if code != 0:
+            return code
+        m = FusedModel.from_pretrained(out / f"seed-{seed}" / "train" / "final")
+        r = evaluate(m, tasks, str(out / f"seed-{seed}" / "eval"), variants=["fused"], **kw)
+        del m
+        seed_runs[seed] = r["models"]["fused"]
+        timings[f"seed_{seed}_s"] = round(time.time() - t, 1)
     _say("5/5 report")
     report = {
         "models": {v: {k: s[k] for k in ("text", "code", "math", "overall") if k in s} for v, s in rep["models"].items()},
@@ -145,21 +176,63 @@ def run(args) -> int:
         "n_samples": rep["n_samples"],
         "stderr": {v: {t: d.get("stderr") for t, d in ds.items()} for v, ds in rep["details"].items()},
         "heldout_loss": rep["heldout_loss"],
-        "noise": "stderr = standard error of the mean over the held-out samples (sampling noise only)",
+        "noise": "stderr = standard error of the mean over the held-out samples (sampling noise only)"
+                 + ("; seeds = the fused model re-trained with other seeds (run-to-run noise)" if seed_runs else ""),
         "timings_s": {**timings, "total_s": round(time.time() - t0, 1)},
         "config": str(args.config),
         "eval_dir": "eval (cached generations: eval/generations/; the report recomputes from them)",
     }
+    if seed_runs:
+        report["seeds"] = seed_summary({seeds[0]: report["models"]["fused"], **seed_runs})
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     for f in ("report.md", "gate_heatmap.png", "routing.html", "routing.png"):
         if (out / "eval" / f).is_file():
             shutil.copy2(out / "eval" / f, out / f)
+    if seed_runs:
+        with open(out / "report.md", "a") as f:
+            f.write("\n" + seed_table(report["seeds"]))
     print((out / "report.md").read_text())
     print(f"wrote {out}/report.json in {report['timings_s']['total_s']} s")
     if args.publish:
         publish(out, Path(args.publish), report, sys.argv[1:])
         _say(f"published the trained fused model to {args.publish}")
     return 0
+
+
+def parse_seeds(spec: str) -> list[int]:
+    """`0,1,2` -> [0, 1, 2] (distinct integers; the first is the main run)."""
+    try:
+        seeds = [int(x) for x in spec.split(",") if x.strip()]
+    except ValueError:
+        seeds = []
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise ConfigError(f"--seeds {spec!r}: give distinct integers separated by commas, e.g. 0,1,2")
+    return seeds
+
+
+def seed_summary(per_seed: dict[int, dict]) -> dict:
+    """The fused model's scores per seed, their mean and (sample) standard deviation, and the range."""
+    import statistics
+
+    keys = [k for k in ("text", "code", "math", "overall") if all(k in s for s in per_seed.values())]
+    vals = {k: [s[k] for s in per_seed.values()] for k in keys}
+    return {
+        "fused": {str(k): v for k, v in per_seed.items()},
+        "mean": {k: statistics.fmean(v) for k, v in vals.items()},
+        "sd": {k: statistics.stdev(v) if len(v) > 1 else 0.0 for k, v in vals.items()},
+        "range": {k: [min(v), max(v)] for k, v in vals.items()},
+    }
+
+
+def seed_table(seeds: dict) -> str:
+    keys = list(seeds["mean"])
+    lines = [f"### Seed spread of the fused model ({len(seeds['fused'])} seeds; percent)\n",
+             "| seed | " + " | ".join(keys) + " |", "|---|" + "---|" * len(keys)]
+    for seed, sc in seeds["fused"].items():
+        lines.append(f"| {seed} | " + " | ".join(f"{100 * sc[k]:.1f}" for k in keys) + " |")
+    lines.append("| mean ± sd | " + " | ".join(f"{100 * seeds['mean'][k]:.1f} ± {100 * seeds['sd'][k]:.1f}"
+                                                for k in keys) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def publish(run_dir: Path, dest: Path, report: dict, argv: list[str]) -> None:

@@ -264,7 +264,7 @@ def evaluate(model, task_names: list[str], out_dir: str, *, variants: list[str] 
             bs = (tf_batch_size or batch_size) if t.kind == "teacher_forced" else batch_size
             run_unit(model, v, t, samples[t.name], out, bs, progress=bar.update, judge=judge)
     bar.close()
-    if model.gate is not None:
+    if model.gate is not None and "fused" in variants:  # the gate's profile belongs to the fused variant's run
         by_domain: dict[str, list[Sample]] = {}
         for t in tasks:
             if t.aux:  # the same conversations as its domain's main task
@@ -272,8 +272,7 @@ def evaluate(model, task_names: list[str], out_dir: str, *, variants: list[str] 
             convs = [Sample(s.id, c, {}) for s in samples[t.name] if (c := reference_conversation(s))]
             if convs:
                 by_domain.setdefault(t.domain, []).extend(convs[:100])  # the paper: 100 samples per domain
-        if "fused" in variants:  # the learned gate's teacher-forced rows already cover the same conversations
-            _reuse_for_gate_profile(out, tasks, samples, by_domain)
+        _reuse_for_gate_profile(out, tasks, samples, by_domain)  # the fused rows cover the same conversations
         gate_profile(model, by_domain, out, tf_batch_size or batch_size)
     return write_report(out, tasks, samples, variants, model.domains, model=model)
 

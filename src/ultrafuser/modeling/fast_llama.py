@@ -390,6 +390,13 @@ class Group:
                 G, B, H = h.shape
                 return torch.mm(h.reshape(G * B, H), self.head_t[0]).view(G, B, -1)
             return torch.bmm(h, self.head_t)
+        if self.device.type == "cpu":
+            # W·hᵀ rather than h·Wᵀ: with few rows MKL runs the (V, H) x (H, rows) product 1.1-2x faster for this
+            # tall LM head (bench/cpu_head.py; 34 -> 18 ms at 8 rows of SmolLM2's 49k x 576 head on 2 cores)
+            if self.shared:
+                G, B, H = h.shape
+                return torch.mm(self.head_refs[0], h.reshape(G * B, H).t()).t().reshape(G, B, -1)
+            return torch.stack([torch.mm(w, h[g].t()).t() for g, w in enumerate(self.head_refs)])
         if self.shared:
             return F.linear(h, self.head_refs[0])
         return torch.stack([F.linear(h[g], w) for g, w in enumerate(self.head_refs)])
@@ -436,11 +443,13 @@ class Group:
         return x + Lw["down"](F.silu(gu[..., :I]) * gu[..., I:]).view(G, B, T, H)
 
     # ------------------------------------------------------------------ prefill / decode
-    def prefill(self, ids, mask):
-        """ids, mask (G, B, T) left-padded; fills cache slots [0, T); returns (hidden, logits) at the last slot:
-        (G, B, H), (G, B, V)."""
+    def prefill(self, ids, mask, row0: int = 0, slot0: int = 0):
+        """ids, mask (G, B, T) left-padded; fills cache rows [row0, row0 + B), slots [slot0, slot0 + T) (a row
+        prefilled on its own goes to the end of the batch's slot range: slot0 = the batch's T - this T); returns
+        (hidden, logits) at the last slot: (G, B, H), (G, B, V)."""
         a = self.arch
         G, B, T = ids.shape
+        rows, slots = slice(row0, row0 + B), slice(slot0, slot0 + T)
         pos = (mask.cumsum(-1) - 1).clamp(min=0)  # positions that ignore left padding
         cos, sin = self._rope(pos, a.dtype)
         ar = torch.arange(T, device=ids.device)
@@ -451,8 +460,8 @@ class Group:
         x = self._embed(ids)
         for i, Lw in enumerate(self.layers):
             q, k, v = self._layer_qkv(Lw, x, cos, sin)
-            self.k_cache[i][:B, :, :, :T] = k.permute(1, 0, 3, 2, 4)  # (B, G, Hkv, T, D)
-            self.v_cache[i][:B, :, :, :T] = v.permute(1, 0, 3, 2, 4)
+            self.k_cache[i][rows, :, :, slots] = k.permute(1, 0, 3, 2, 4)  # (B, G, Hkv, T, D)
+            self.v_cache[i][rows, :, :, slots] = v.permute(1, 0, 3, 2, 4)
             qh = q.permute(0, 1, 3, 2, 4).reshape(G * B, a.heads, T, a.head_dim)  # (GB, Hq, T, D)
             kh = k.permute(0, 1, 3, 2, 4).reshape(G * B, a.kv_heads, T, a.head_dim)
             vh = v.permute(0, 1, 3, 2, 4).reshape(G * B, a.kv_heads, T, a.head_dim)
