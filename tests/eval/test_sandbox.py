@@ -357,3 +357,40 @@ def test_bad_limits_are_refused():
         run_program("pass", timeout_s=0)
     with pytest.raises(ValueError, match="memory_mb"):
         run_program("pass", memory_mb=-1)
+
+
+ALWAYS_EQUAL = "class AlwaysEqual:\n    def __eq__(self, other):\n        return True\n    __hash__ = None\n"
+INT_SUBCLASS = "class Liar(int):\n    def __eq__(self, other):\n        return True\n    __hash__ = int.__hash__\n"
+
+
+PLAIN_CHECK = "assert add(1, 2) == 3\nassert add(2, 2) == 5\n"  # the second check is wrong for honest code
+
+
+@pytest.mark.parametrize(
+    "source,checker",
+    [
+        (ALWAYS_EQUAL + "def add(a, b):\n    return AlwaysEqual()\n", PLAIN_CHECK),
+        (INT_SUBCLASS + "def add(a, b):\n    return Liar(0)\n", PLAIN_CHECK),
+        (ALWAYS_EQUAL + "def add(a, b):\n    return [AlwaysEqual()]\n", "assert add(1, 2) == [3]\nassert add(2, 2) == [5]\n"),
+        # first call honest, then it rebinds its global name to a cheat that the checks would look up next
+        (ALWAYS_EQUAL + "def add(a, b):\n    global add\n    add = lambda a, b: AlwaysEqual()\n    return a + b\n",
+         PLAIN_CHECK),
+    ],
+    ids=["always-equal", "int-subclass", "nested", "rebinds-its-name"],
+)
+def test_values_that_claim_equality_cannot_pass(source, checker):
+    if "global add" not in source:  # control: without the plain-data check the attack works
+        assert run_program(source, checker=checker, timeout_s=10).status == "passed"
+    result = run_program(source, checker=checker, timeout_s=10, plain_results=("add",))
+    assert result.status == "failed", result
+    honest = "def add(a, b):\n    return a + b\n"
+    assert run_program(honest, checker="assert add(1, 2) == 3\n", timeout_s=10, plain_results=("add",)).passed
+
+
+def test_plain_nested_values_pass():
+    source = "def add(a, b):\n    return {'s': [a + b, (float(a), None)], 'k': {1, frozenset({b})}, 'b': b'x', 'c': 1j}\n"
+    checker = "r = add(1, 2)\nassert r['s'][0] == 3 and r['b'] == b'x' and r['c'] == 1j and True is not None\n"
+    result = run_program(source, checker=checker, timeout_s=10, plain_results=("add",))
+    assert result.status == "passed", result
+    with pytest.raises(ValueError, match="plain_results"):
+        run_program(source, checker=checker, plain_results="add")

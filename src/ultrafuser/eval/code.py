@@ -139,9 +139,10 @@ def _verdict(index: int, result: SandboxResult, **fields: Any) -> dict[str, Any]
 
 
 def _run_all(
-    jobs: Sequence[tuple[str, str]], workers: int, timeout_s: float, progress: bool, **limits: Any
+    jobs: Sequence[tuple[str, str, str]], workers: int, timeout_s: float, progress: bool, **limits: Any
 ) -> list[SandboxResult]:
-    """Run (program, checker) pairs in the sandbox, `workers` at a time; results in input order."""
+    """Run (program, checker, entry point) jobs in the sandbox, `workers` at a time; results in input order.
+    The entry point must return plain data (`run_program(plain_results=...)`)."""
     if workers < 1:
         raise ConfigError(f"--workers {workers}: must be at least 1")
     if not timeout_s > 0:
@@ -152,8 +153,8 @@ def _run_all(
 
         bar = tqdm(total=len(jobs), desc="sandbox", unit="sample", leave=False)
 
-    def one(job: tuple[str, str]) -> SandboxResult:
-        result = run_program(job[0], checker=job[1], timeout_s=timeout_s, **limits)
+    def one(job: tuple[str, str, str]) -> SandboxResult:
+        result = run_program(job[0], checker=job[1], timeout_s=timeout_s, plain_results=(job[2],), **limits)
         if bar is not None:
             bar.update(1)
         return result
@@ -223,7 +224,7 @@ def score_samples(
         if tid not in problems:
             raise ConfigError(f"sample {i}: task_id {tid!r} is not a HumanEval task (e.g. 'HumanEval/0')")
         p = problems[tid]
-        jobs.append((build_program(p.prompt, s["completion"], p.entry_point), p.checker))
+        jobs.append((build_program(p.prompt, s["completion"], p.entry_point), p.checker, p.entry_point))
         keys.append((tid, seen[tid]))
         seen[tid] += 1
     start = time.monotonic()
@@ -266,7 +267,7 @@ def score_function_tasks(
         task = rec.get("task") if isinstance(rec, Mapping) else None
         if not isinstance(task, Mapping) or not isinstance(rec.get("completion"), str):
             raise ConfigError(f"record {i}: expected {{'task': {{'type': 'code', ...}}, 'completion': str}}")
-        jobs.append(function_task_program(task, rec["completion"]))
+        jobs.append((*function_task_program(task, rec["completion"]), task["entry_point"]))
         keys.append(str(task.get("id", rec.get("id", i))))
     start = time.monotonic()
     results = _run_all(jobs, workers, timeout_s, progress, **limits)
@@ -283,4 +284,4 @@ def score_function_task(
 ) -> SandboxResult:
     """Score one completion of a project function task (completion, then the task's tests)."""
     program, checker = function_task_program(task, completion)
-    return run_program(program, checker=checker, timeout_s=timeout_s, **limits)
+    return run_program(program, checker=checker, timeout_s=timeout_s, plain_results=(task["entry_point"],), **limits)

