@@ -161,7 +161,7 @@ def run(args) -> int:
         m = FusedModel.from_pretrained(out / f"seed-{seed}" / "train" / "final")
         r = evaluate(m, tasks, str(out / f"seed-{seed}" / "eval"), variants=["fused"], **kw)
         del m
-        seed_runs[seed] = r["models"]["fused"]
+        seed_runs[seed] = {k: v for k, v in r["models"]["fused"].items() if k in ("text", "code", "math", "overall")}
         timings[f"seed_{seed}_s"] = round(time.time() - t, 1)
     _say("5/5 report")
     report = {
