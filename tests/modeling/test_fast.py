@@ -412,3 +412,17 @@ def test_onehot_baselines_through_the_fast_path(lora):
     assert set(model.__dict__["_ultrafuser_onehot_views"]) == set(model.domains)
     fast.release(model)
     assert "_ultrafuser_onehot_views" not in model.__dict__
+
+
+def test_cpu_head_benchmark_runs(tmp_path):
+    """bench/cpu_head.py (the LM-head layout measurement) runs on a tiny shape and writes its JSON."""
+    import subprocess
+
+    out = tmp_path / "head.json"
+    r = subprocess.run([sys.executable, str(Path(__file__).resolve().parents[2] / "bench" / "cpu_head.py"),
+                        "--vocab", "512", "--hidden", "64", "--rows", "1,8", "--reps", "2", "--threads", "1",
+                        "--json", str(out)], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert [x["rows"] for x in rows] == [1, 8] and all(x["linear_ms"] > 0 and x["w_ht_ms"] > 0 for x in rows)
+

@@ -391,8 +391,9 @@ class Group:
                 return torch.mm(h.reshape(G * B, H), self.head_t[0]).view(G, B, -1)
             return torch.bmm(h, self.head_t)
         if self.device.type == "cpu":
-            # W·hᵀ rather than h·Wᵀ: with few rows MKL runs the (V, H) x (H, rows) product 1.1-2x faster for this
-            # tall LM head (bench/cpu_head.py; 34 -> 18 ms at 8 rows of SmolLM2's 49k x 576 head on 2 cores)
+            # W·hᵀ rather than h·Wᵀ: MKL runs the (V, H) x (H, rows) product 1.2-2.1x faster for a tall LM head
+            # at 8-64 rows (bench/cpu_head.py on the 2-core VM: 33.8 -> 16.4 ms at 8 rows of SmolLM2's 49k x 576
+            # head; at 1-3 rows the (H, V) copy above is used)
             if self.shared:
                 G, B, H = h.shape
                 return torch.mm(self.head_refs[0], h.reshape(G * B, H).t()).t().reshape(G, B, -1)
