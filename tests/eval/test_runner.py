@@ -147,3 +147,15 @@ def test_one_pass_teacher_forcing_equals_separate_passes(tiny_dir, heldout, tmp_
             assert got[i]["correct"] == want[i]["correct"] and got[i]["tokens"] == want[i]["tokens"], (v, i)
             assert got[i]["nll_sum"] == pytest.approx(want[i]["nll_sum"], rel=1e-5), (v, i)
             assert got[i]["gate_mean"] == pytest.approx(want[i]["gate_mean"], abs=1e-6), (v, i)
+
+
+def test_teacher_forced_batches_group_similar_lengths():
+    from ultrafuser.eval.runner import _length_batches
+    from ultrafuser.eval.tasks import Sample
+
+    ss = [Sample(i, [], {}) for i in "abcde"]
+    lens = {"a": 100, "b": 110, "c": 300, "d": 105, "e": 310}
+    got = [[s.id for s in b] for b in _length_batches(ss, lens, batch_size=8)]
+    assert got == [["a", "d", "b"], ["c", "e"]]  # 300 next to 100-110 would triple the padded cost
+    assert [[s.id for s in b] for b in _length_batches(ss, lens, batch_size=2)] == [["a", "d"], ["b"], ["c", "e"]]
+    assert sorted(s.id for b in _length_batches(ss, lens, 1) for s in b) == list("abcde")

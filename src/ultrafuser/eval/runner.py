@@ -96,11 +96,11 @@ def _teacher_forced(model, samples: list[Sample], batch_size: int) -> list[dict]
     return rows
 
 
-def _length_batches(model, samples: list[Sample], batch_size: int, waste: float = 1.25) -> list[list[Sample]]:
-    """Batches of at most `batch_size` samples of similar length (sorted), each closed early when padding would
-    make it cost more than `waste` x its real tokens: a teacher-forced pass costs padded tokens (the embedded
-    code set's conversations run from 290 to 630 tokens). Rows are cached by id, so the order does not matter."""
-    lens = {s.id: max(model.align(s.messages).lengths) for s in samples}
+def _length_batches(samples: list[Sample], lens: dict[str, int], batch_size: int,
+                    waste: float = 1.25) -> list[list[Sample]]:
+    """Batches of at most `batch_size` samples of similar length `lens[id]` (sorted), each closed early when
+    padding would make it cost more than `waste` x its real tokens: a teacher-forced pass costs padded tokens (the
+    embedded code set's conversations run from 290 to 630 tokens). Rows are cached by id: order does not matter."""
     out: list[list[Sample]] = []
     for s in sorted(samples, key=lambda s: lens[s.id]):
         cur = out[-1] if out else None
@@ -120,8 +120,9 @@ def _teacher_forced_all_variants(model, variants: list[str], task: Task, samples
     paths = {v: out_dir / "generations" / v.replace(":", "_") / f"{task.name}.jsonl" for v in variants}
     done = {v: _read_cache(p) for v, p in paths.items()}
     todo = [s for s in samples if any(s.id not in done[v] for v in variants)]
-    for chunk in _length_batches(model, todo, batch_size):
-        batch = model.collate([model.align(s.messages) for s in chunk]).to([sp.device for sp in model.specialists])
+    aligned = {s.id: model.align(s.messages) for s in todo}
+    for chunk in _length_batches(todo, {i: max(a.lengths) for i, a in aligned.items()}, batch_size):
+        batch = model.collate([aligned[s.id] for s in chunk]).to([sp.device for sp in model.specialists])
         with model.gate_mode("uniform"):  # every specialist runs (a one-hot gate would skip the others)
             hiddens, logits = model.run_specialists(batch)
         for v in variants:
