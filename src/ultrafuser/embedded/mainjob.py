@@ -39,6 +39,7 @@ LOSS_TASKS = ["embedded-code-loss", "embedded-math-loss"]  # held-out loss of co
 # teacher-forced text is one pass of the specialists). Small samples mean wide error bars (reported); the full
 # sets are text 48, code 40, math 60 (`--sizes all`, ~40 min there; README shows a larger run).
 DEFAULT_SIZES = "text=48,code=8,math=20"
+SCORES = ("text", "code", "math", "overall")  # the report's per-model keys (domain scores and their mean)
 
 
 def parse_sizes(spec: str) -> dict[str, int] | None:
@@ -161,11 +162,11 @@ def run(args) -> int:
         m = FusedModel.from_pretrained(out / f"seed-{seed}" / "train" / "final")
         r = evaluate(m, tasks, str(out / f"seed-{seed}" / "eval"), variants=["fused"], **kw)
         del m
-        seed_runs[seed] = {k: v for k, v in r["models"]["fused"].items() if k in ("text", "code", "math", "overall")}
+        seed_runs[seed] = _scores(r["models"]["fused"])
         timings[f"seed_{seed}_s"] = round(time.time() - t, 1)
     _say("5/5 report")
     report = {
-        "models": {v: {k: s[k] for k in ("text", "code", "math", "overall") if k in s} for v, s in rep["models"].items()},
+        "models": {v: _scores(s) for v, s in rep["models"].items()},
         "gate": rep["gate"],
         "higher_is_better": True,
         "metrics": {"text": "token accuracy on held-out replies (embedded-text)",
@@ -199,6 +200,10 @@ def run(args) -> int:
     return 0
 
 
+def _scores(model_scores: dict) -> dict:
+    return {k: model_scores[k] for k in SCORES if k in model_scores}
+
+
 def parse_seeds(spec: str) -> list[int]:
     """`0,1,2` -> [0, 1, 2] (distinct integers; the first is the main run)."""
     try:
@@ -214,7 +219,7 @@ def seed_summary(per_seed: dict[int, dict]) -> dict:
     """The fused model's scores per seed, their mean and (sample) standard deviation, and the range."""
     import statistics
 
-    keys = [k for k in ("text", "code", "math", "overall") if all(k in s for s in per_seed.values())]
+    keys = [k for k in SCORES if all(k in s for s in per_seed.values())]
     vals = {k: [s[k] for s in per_seed.values()] for k in keys}
     return {
         "fused": {str(k): v for k, v in per_seed.items()},
