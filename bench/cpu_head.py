@@ -1,7 +1,9 @@
-"""The LM head on the CPU with few rows: `F.linear(h, W)` (h·Wᵀ) against `torch.mm(W, hᵀ)ᵀ` (W·hᵀ), the layout
-`fast_llama.Group._head` uses on the CPU for more than 3 rows. Default shape: SmolLM2-135M's 49,152 × 576 head, fp32.
+"""Matmul layouts on the CPU with few rows, the measurement behind `fast_llama.CPU_FEW_ROWS` / `Group._head`:
+`F.linear(h, W)` (h·Wᵀ, the model's own (out, in) weight), `torch.mm(W, hᵀ)ᵀ` (W·hᵀ) and `torch.mm(h, Wt)` with a
+contiguous (in, out) copy Wt (the fast path's copies). Default shape: SmolLM2-135M's 49,152 × 576 LM head, fp32;
+`--vocab 3072 --hidden 576` is its gate|up projection.
 
-    python bench/cpu_head.py [--vocab 49152 --hidden 576 --rows 1,8,24,48,64 --threads 2 --json OUT.json]
+    python bench/cpu_head.py [--vocab 49152 --hidden 576 --rows 1,8,24,48,64 --dtype float32 --threads 2 --json OUT.json]
 """
 
 from __future__ import annotations
@@ -33,20 +35,29 @@ def main() -> int:
     ap.add_argument("--rows", default="1,8,24,48,64")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--reps", type=int, default=30)
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--json")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
-    W = torch.randn(a.vocab, a.hidden)
-    out = {"machine": platform.machine(), "threads": a.threads, "torch": torch.__version__,
+    dt = getattr(torch, a.dtype)
+    W = torch.randn(a.vocab, a.hidden).to(dt)
+    Wt = W.t().contiguous()
+    flags = open("/proc/cpuinfo").read() if platform.system() == "Linux" else ""
+    out = {"machine": platform.machine(), "threads": a.threads, "torch": torch.__version__, "dtype": a.dtype,
+           "cpu_flags": [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f" {f}" in flags],
            "shape": [a.vocab, a.hidden], "rows": []}
+    tol = 1e-4 if dt == torch.float32 else 5e-2
     for m in (int(x) for x in a.rows.split(",")):
-        h = torch.randn(m, a.hidden)
-        assert torch.allclose(F.linear(h, W), torch.mm(W, h.t()).t(), rtol=1e-4, atol=1e-4)
+        h = torch.randn(m, a.hidden).to(dt)
+        ref = F.linear(h.float(), W.float())
+        for y in (F.linear(h, W), torch.mm(W, h.t()).t(), torch.mm(h, Wt)):
+            assert torch.allclose(y.float(), ref, rtol=tol, atol=tol * ref.abs().max().item())
         lin = median_ms(lambda: F.linear(h, W), a.reps)
         wht = median_ms(lambda: torch.mm(W, h.t()).t(), a.reps)
-        out["rows"].append({"rows": m, "linear_ms": round(lin, 2), "w_ht_ms": round(wht, 2),
+        cp = median_ms(lambda: torch.mm(h, Wt), a.reps)
+        out["rows"].append({"rows": m, "linear_ms": round(lin, 3), "w_ht_ms": round(wht, 3), "copy_ms": round(cp, 3),
                             "speedup": round(lin / wht, 2)})
-        print(f"rows {m:4d}: h·Wᵀ {lin:7.2f} ms   W·hᵀ {wht:7.2f} ms   {lin / wht:.2f}x")
+        print(f"rows {m:4d}: h·Wᵀ {lin:7.3f} ms   W·hᵀ {wht:7.3f} ms   h·(Wᵀ copy) {cp:7.3f} ms")
     if a.json:
         with open(a.json, "w") as f:
             json.dump(out, f, indent=2)

@@ -396,6 +396,10 @@ def test_lora_terms_in_the_model_dtype_give_the_same_tokens(lora):
     dec = FastFusedDecoder(model, max_batch=4, max_len=256, lora_precision="model")
     assert any(p.lora_lowp for g in dec.groups for L in g.layers for p in L.values() if hasattr(p, "lora_lowp"))
     assert ids(dec.generate(prompts, GREEDY)) == want
+    # one prompt = 3 rows through the shared base: the (in, out) copies, each member's A as extra columns of the
+    # base's product (more rows in fp32 take the models' own weights and a separate x·A)
+    assert all(p.Wt_ext is not None for g in dec.groups for L in g.layers for p in L.values() if hasattr(p, "Wt_ext"))
+    assert ids(dec.generate(prompts[:1], GREEDY)) == want[:1]
     with pytest.raises(ValueError, match="lora_precision"):
         FastFusedDecoder(model, max_batch=4, max_len=256, lora_precision="fp8")
 
@@ -421,8 +425,26 @@ def test_cpu_head_benchmark_runs(tmp_path):
     out = tmp_path / "head.json"
     r = subprocess.run([sys.executable, str(Path(__file__).resolve().parents[2] / "bench" / "cpu_head.py"),
                         "--vocab", "512", "--hidden", "64", "--rows", "1,8", "--reps", "2", "--threads", "1",
-                        "--json", str(out)], capture_output=True, text=True, timeout=120)
+                        "--dtype", "bfloat16", "--json", str(out)], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
-    rows = json.loads(out.read_text())["rows"]
-    assert [x["rows"] for x in rows] == [1, 8] and all(x["linear_ms"] > 0 and x["w_ht_ms"] > 0 for x in rows)
+    res = json.loads(out.read_text())
+    assert res["dtype"] == "bfloat16" and [x["rows"] for x in res["rows"]] == [1, 8]
+    assert all(x["linear_ms"] > 0 and x["w_ht_ms"] > 0 and x["copy_ms"] > 0 for x in res["rows"])
 
+
+
+def test_finished_rows_leave_the_batch(dense, lora):
+    """Without CUDA graphs, rows that finished are compacted out of the batch (their cache rows too); the rows
+    still running give the reference's tokens — greedy and sampled (each row keeps its own generator)."""
+    lens = [12, 40, 64]
+    for (model, prompts, _), sample in ((dense, False), (lora, False), (dense, True)):
+        extra = dict(temperature=0.8, top_k=30, seed=7) if sample else {}
+        params = [SamplingParams(max_new_tokens=n, ignore_eos=True, **extra) for n in lens]
+        dec = FastFusedDecoder(model, max_batch=4, max_len=256)
+        got = dec.generate(prompts, params, return_weights=True)
+        want = generate(model, prompts, params, return_weights=True)
+        assert [len(c.token_ids) for c in got] == lens
+        assert ids(got) == ids(want)
+        for a, b in zip(got, want):
+            assert all(abs(wa[d] - wb[d]) < 1e-5 for wa, wb in zip(a.weights, b.weights) for d in wa)
+        assert {1, 2, 3} <= set(dec._states)  # the batch shrank twice: 3 -> 2 -> 1 rows

@@ -10,7 +10,8 @@ What it does differently from the straightforward path (see `fast_llama.py` for 
 - specialists are partitioned into *groups* that run as one batch: specialists of identical architecture on one
   device are stacked (one `bmm` per projection), LoRA specialists sharing a base run all their rows through the
   base weights once plus batched low-rank deltas; the gate and the fusion are the core's own `FusedModel.mix`;
-- KV caches are static buffers, allocated once for (max_batch, max_len);
+- KV caches are static buffers, allocated once for (max_batch, max_len); without CUDA graphs (the CPU) rows
+  that finished leave the batch (their cache rows compacted away), since a step there costs about its rows;
 - on CUDA the whole step — every group, the gate, the fusion and the greedy / sampling pick, plus the position
   and cache-slot increments — is captured as one CUDA graph per (batch, attention-length bucket, pick mode) and
   the step's token is fed back on the device, so the host enqueues step t+1 before reading token t: exactly one
@@ -140,8 +141,8 @@ class FastFusedDecoder:
       `device_sample`) or "auto" (reference on the CPU, device on CUDA). bucket: attention-length granularity
       of the captured graphs. decode_attention: "bmm" (the measured default: scores in the model dtype, fp32
       softmax) or "sdpa" (PyTorch's fused attention, fp32 scores: closer to HF's sdpa path in bf16 on CUDA).
-    lora_precision: "auto" (LoRA terms in the model dtype on CUDA for bf16/fp16 models — PEFT's fp32 terms hit a
-      slow thin-GEMM kernel there — else in the adapters' dtype, as PEFT), "adapter" (always PEFT's way) or
+    lora_precision: "auto" (LoRA terms in the model dtype for bf16/fp16 models — PEFT's fp32 terms are slow thin
+      GEMMs on CUDA and on the CPU — else in the adapters' dtype, as PEFT), "adapter" (always PEFT's way) or
       "model" (always the model dtype, scale folded into B, one fused add).
     """
 
@@ -541,8 +542,11 @@ class FastFusedDecoder:
 
         pipelined = self.pipeline and pick != "host"
 
+        live = list(range(B))  # the request row of each of the state's rows (rows leave it when compacted)
+
         def host_pick():
-            ids = _pick(st.z, plist, gens)  # the reference's own pick, same generators
+            # the reference's own pick, with each row's own generator
+            ids = _pick(st.z, [plist[b] for b in live], [gens[b] for b in live])
             st.tok[self.fuse_device].copy_(ids)
             self._tok_to_runners(st)
 
@@ -571,12 +575,13 @@ class FastFusedDecoder:
                 next_ids = st.tok[self.fuse_device].tolist()
                 wts = st.w.cpu() if return_weights else None
             events = []
-            for b, row in enumerate(rows):
+            for i, b in enumerate(live):
+                row = rows[b]
                 if row.done:
                     continue
-                tid = int(next_ids[b])
+                tid = int(next_ids[i])
                 is_stop = tid in model.stop_token_ids and not plist[b].ignore_eos
-                w = {d: float(wts[b, k]) for k, d in enumerate(domains)} if return_weights else None
+                w = {d: float(wts[i, k]) for k, d in enumerate(domains)} if return_weights else None
                 text = row.push(tid, is_stop)
                 if not row.done and len(row.ids) >= row_limit[b]:
                     text += row.finish("length")
@@ -588,9 +593,39 @@ class FastFusedDecoder:
             if all(r.done for r in rows):
                 return
             if not pipelined:
+                keep = [i for i, b in enumerate(live) if not rows[b].done]
+                if not self.use_graphs and len(live) - len(keep) >= max(1, len(live) // 8) and limit - step > 8:
+                    st = self._compact(st, keep)
+                    live = [live[i] for i in keep]
                 self._step(st, pick)
                 if pick == "host":
                     host_pick()
+
+    def _compact(self, st: _BatchState, keep: list[int]) -> _BatchState:
+        """The state of a smaller batch holding only rows `keep` (ascending) of `st`, their cache rows moved to the
+        front. Without CUDA graphs a step costs about its rows (the CPU), so rows that finished early stop costing:
+        the embedded default's eval batches finish at 60-75 % of their longest row's length on average."""
+        n = len(keep)
+        new = self._states.get(n)
+        if new is None:
+            new = self._states[n] = _BatchState(self, n)
+        for gi, g in enumerate(self.groups):
+            ix = torch.tensor(keep, device=g.device)
+            c = st.cur_host[gi]  # the filled cache slots
+            for cache in g.k_cache + g.v_cache:
+                cache[:n, :, :, :c] = cache[ix, :, :, :c]  # the gather copies first: overlapping rows are safe
+            new.pos[gi].copy_(st.pos[gi][:, ix])
+            new.pad[gi].copy_(st.pad[gi][ix])
+            new.cur[gi].copy_(st.cur[gi])
+        new.cur_host = list(st.cur_host)
+        for d, t in st.tok.items():
+            new.tok[d].copy_(t[torch.tensor(keep, device=d)])
+        fd = self.fuse_device
+        ix = torch.tensor(keep, device=fd)
+        for name in ("temp", "top_k", "top_p", "seed"):
+            getattr(new, name).copy_(getattr(st, name)[ix])
+        new.step.copy_(st.step)
+        return new
 
     # ------------------------------------------------------------------ teacher-forced steps (parity checks)
     @torch.no_grad()

@@ -21,6 +21,7 @@ fp32, LoRA in the adapter's dtype then cast back), so fp32 greedy tokens match t
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -30,9 +31,17 @@ from torch import nn
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 _SEQ_DEPENDENT_ROPE = ("dynamic", "longrope")
 NEG_INF = float("-inf")
-# On the CPU, matmuls with at most this many rows use the (in, out) copies, more rows the models' own
-# (out, in) weights: MKL measured 1.7-2.2x faster the first way at 1-3 rows and ~1.25x slower at 12 rows.
+# On the CPU, fp32 matmuls with at most this many rows use the (in, out) copies, more rows the models' own
+# (out, in) weights: MKL measured 1.7-2.2x faster the first way at 1-3 rows and ~1.25x slower at 12 rows (2-core
+# AVX2 VM). bf16 / fp16 (oneDNN; 2-core AVX-512-bf16 VM, `python bench/cpu_head.py --dtype bfloat16`): the (in, out)
+# copies are as fast or faster at every row count for the projections, and the LM head runs fastest as the
+# plain (V, H) product h·Wᵀ — so no row threshold there.
 CPU_FEW_ROWS = 3
+
+
+def cpu_few_rows(dtype: torch.dtype) -> float:
+    """Up to how many rows a CPU matmul in `dtype` uses the (in, out) copies (see CPU_FEW_ROWS)."""
+    return CPU_FEW_ROWS if dtype == torch.float32 else math.inf
 
 
 class Unsupported(ValueError):
@@ -205,6 +214,7 @@ class Proj:
         self.refs = [[(b.weight, b.bias) for b in bs] for bs in srcs] if in_place else None
         # many rows on the CPU: the models' own weights (see CPU_FEW_ROWS)
         self.many_rows_refs = copy and in_place and torch.device(device).type == "cpu"
+        self.few_rows = cpu_few_rows(dtype)
         # batched LoRA: A (G, in, R), B (G, R, out), per-output-column scale (G, 1, out); zeros where absent
         found = [[lora_parts(m, a) for m in p] for p, a in zip(parts, adapters)]
         self.lora = None
@@ -225,22 +235,41 @@ class Proj:
                         S[g, 0, o0 : o0 + n_out] = s
                         r0 += r
                     o0 += n_out
-            # On CUDA with a half-precision model the low-rank terms run in the model dtype (fp32 accumulation
-            # inside cuBLAS, the scale folded into B, the add fused into one baddbmm). PEFT computes them in the
-            # adapters' fp32, but fp32 GEMMs this thin (K = hidden, N = rank) hit a slow kernel: measured on an
-            # H200 (bench/gpu_profile.sh), they took 6.2 of 8.6 ms per step at batch 16. The rounding this adds
-            # is far below the bf16 noise the decode-logits calibration measures. CPU (and fp32): PEFT's order.
+            # With a half-precision model the low-rank terms run in the model dtype (fp32 accumulation inside
+            # the GEMM, the scale folded into B, the add fused into one baddbmm). PEFT computes them in the
+            # adapters' fp32, but fp32 GEMMs this thin (K = hidden, N = rank) are slow: measured on an H200
+            # (bench/gpu_profile.sh) they took 6.2 of 8.6 ms per step at batch 16; on a 2-core AVX-512-bf16 CPU
+            # (bench/profile_decode.py, SmolLM2 shape, batch 1) the step went from 60 to 49 ms this way. The
+            # rounding this adds is far below the bf16 noise the decode-logits calibration measures. fp32 models:
+            # PEFT's order (exact parity).
             self.lora_lowp = lora_precision == "model" or (
-                lora_precision == "auto" and torch.device(device).type == "cuda"
-                and dtype in (torch.bfloat16, torch.float16))
+                lora_precision == "auto" and dtype in (torch.bfloat16, torch.float16))
             if self.lora_lowp:
                 self.lora = (A.to(dtype), (Bm * S).to(dtype), None)
             else:
                 self.lora = (A, Bm, S)
+            # Shared base on the CPU with the low-rank terms in the model dtype: every member's A rides along in
+            # the base's (in, out) product as G x R extra columns (each row computes all members' x·A; the G x R
+            # columns are ~2.5 % of a SmolLM2 projection's), one small matmul fewer per projection and step.
+            self.Wt_ext = self.b_ext = None
+            if self.lora_lowp and shared and copy and getattr(self, "Wt", None) is not None:
+                self.Wt_ext = torch.cat([self.Wt, self.lora[0].permute(1, 0, 2).reshape(inp, -1)], 1).contiguous()
+                self.Wt = None
+                if self.b is not None:
+                    self.b_ext = torch.cat([self.b, self.b.new_zeros(G * self.lora[0].shape[2])])
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.lora is not None and self.Wt_ext is not None and not (
+            self.many_rows_refs and x.shape[1] * self.G > self.few_rows
+        ):
+            G, M, inp = x.shape
+            x2 = x.reshape(G * M, inp)
+            ye = torch.mm(x2, self.Wt_ext) if self.b_ext is None else torch.addmm(self.b_ext, x2, self.Wt_ext)
+            out, R = ye.shape[1] - G * self.lora[0].shape[2], self.lora[0].shape[2]
+            xa = ye[:, out:].reshape(G, M, G, R).diagonal(dim1=0, dim2=2).permute(2, 0, 1)  # member g's x·A_g
+            return torch.baddbmm(ye[:, :out].reshape(G, M, out), xa, self.lora[1])
         if self.copy and not (
-            self.many_rows_refs and x.shape[1] * (self.G if self.shared else 1) > CPU_FEW_ROWS
+            self.many_rows_refs and x.shape[1] * (self.G if self.shared else 1) > self.few_rows
         ):
             if self.shared and self.W is not None:
                 y = F.linear(x, self.W, self.b)  # all G×M rows through the one base: (G, M, out)
@@ -340,10 +369,11 @@ class Group:
         if copy:
             self.emb = torch.stack([e.detach().to(dev, dt) for e in embs])  # (G', V, H)
             self.head = self.emb if a.tied else torch.stack([h.detach().to(dev, dt) for h in heads])
-            # the LM head as the right operand (G', H, V): contiguous on the CPU (see Proj), a view on CUDA
-            on_cpu = dev.type == "cpu"
-            self.head_t = self.head.transpose(1, 2).contiguous() if on_cpu else self.head.transpose(1, 2)
-            if on_cpu and not a.tied:
+            # the LM head as the right operand (G', H, V): contiguous for fp32 on the CPU (see CPU_FEW_ROWS), a view
+            # elsewhere (bf16 on the CPU: the (V, H) head itself, as F.linear)
+            cpu32 = dev.type == "cpu" and dt == torch.float32
+            self.head_t = self.head.transpose(1, 2).contiguous() if cpu32 else self.head.transpose(1, 2)
+            if cpu32 and not a.tied:
                 self.head = None
         else:
             for t in embs + heads:
@@ -383,9 +413,11 @@ class Group:
 
     def _head(self, h):  # h (G, B, H) -> logits (G, B, V)
         rows = h.shape[1] * (self.G if self.shared else 1)
-        if self.copy and not (
-            self.device.type == "cpu" and self.head_refs is not None and rows > CPU_FEW_ROWS
-        ):
+        cpu = self.device.type == "cpu"
+        if self.copy and cpu and self.arch.dtype != torch.float32:  # h·Wᵀ with the (V, H) head (CPU_FEW_ROWS)
+            return F.linear(h, self.head[0]) if self.shared else torch.stack(
+                [F.linear(h[g], w) for g, w in enumerate(self.head)])
+        if self.copy and not (cpu and self.head_refs is not None and rows > CPU_FEW_ROWS):
             if self.shared:  # h (G, B, H): all G×B rows through the one head
                 G, B, H = h.shape
                 return torch.mm(h.reshape(G * B, H), self.head_t[0]).view(G, B, -1)
