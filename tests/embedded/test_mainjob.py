@@ -115,6 +115,11 @@ def test_main_job_reduced(tiny_dir, small_data, tmp_path):
     assert prov["models"] == rep["models"] and prov["command"].startswith("ultrafuser embedded run")
     assert str(tmp_path) not in json.dumps(prov)
     assert (tmp_path / "pub" / "gate.safetensors").is_file() and (tmp_path / "pub" / "ultrafuser.json").is_file()
+    # the published model loads in float32 on any CPU; the provenance keeps the dtype the run computed in
+    run_cfg = json.loads((out / "train" / "final" / "ultrafuser.json").read_text())["config"]["specialists"]
+    pub_cfg = json.loads((tmp_path / "pub" / "ultrafuser.json").read_text())["config"]["specialists"]
+    assert {sp["dtype"] for sp in pub_cfg} == {"float32"}
+    assert prov["machine"]["specialists_dtype"] == ",".join(sorted({sp["dtype"] for sp in run_cfg}))
     # the trained fused directory generates through the CLI
     g = subprocess.run([sys.executable, "-m", "ultrafuser.cli", "generate", str(out / "train" / "final"), "--prompt",
                         "hi", "--max-new-tokens", "3", "--json"], capture_output=True, text=True, env=env, cwd=REPO)

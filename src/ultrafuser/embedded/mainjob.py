@@ -255,18 +255,34 @@ def publish(run_dir: Path, dest: Path, report: dict, argv: list[str]) -> None:
     dest.parent.mkdir(parents=True, exist_ok=True)
     shutil.copytree(src, tmp)
     halved = adapters_to_bf16(tmp / "specialists")
+    run_dtype = portable_dtype(tmp / "ultrafuser.json")
     prov = {
         "command": "ultrafuser " + " ".join(a if not os.path.isabs(a) else Path(a).name for a in argv),
         "date": datetime.date.today().isoformat(),
         "training_config": _portable_config(run_dir / "train" / "config.yaml"),
         "models": report["models"], "gate": report["gate"], "metrics": report["metrics"],
         "n_samples": report["n_samples"], "timings_s": report["timings_s"],
-        "machine": {"python": platform.python_version(), "torch": torch.__version__, "cpu_threads": torch.get_num_threads()},
+        "machine": {"python": platform.python_version(), "torch": torch.__version__, "cpu_threads": torch.get_num_threads(),
+                    "specialists_dtype": run_dtype},
         "storage": (f"stage-2 adapters ({', '.join(halved)}) stored in bfloat16 to halve the repository's size; the "
                     "scores above were measured with the run's float32 adapters") if halved else None,
+        "dtype": (f"the run computed in {run_dtype}; the published model loads in float32, which every CPU runs at "
+                  "full speed (bfloat16 is emulated, and slow, on CPUs without native support)")
+                 if run_dtype != "float32" else None,
     }
     (tmp / "provenance.json").write_text(json.dumps(prov, indent=2) + "\n")
     replace_dir(tmp, dest)
+
+
+def portable_dtype(config_file: Path) -> str:
+    """Set every CPU specialist of a fused-model config to float32; return the dtype the run used."""
+    meta = json.loads(config_file.read_text())  # ultrafuser.json: {"config": FuseConfig, ...}
+    used = {sp.get("dtype", "float32") for sp in meta["config"]["specialists"]}
+    for sp in meta["config"]["specialists"]:
+        if sp.get("device", "cpu") == "cpu":
+            sp["dtype"] = "float32"
+    config_file.write_text(json.dumps(meta, indent=2) + "\n")
+    return ",".join(sorted(used))
 
 
 def adapters_to_bf16(specialists_dir: Path) -> list[str]:
