@@ -603,8 +603,8 @@ class FastFusedDecoder:
 
     def _compact(self, st: _BatchState, keep: list[int]) -> _BatchState:
         """The state of a smaller batch holding only rows `keep` (ascending) of `st`, their cache rows moved to the
-        front. Without CUDA graphs a step costs about its rows (the CPU), so rows that finished early stop costing:
-        the embedded default's eval batches finish at 60-75 % of their longest row's length on average."""
+        front. Without CUDA graphs a step costs about its rows (the CPU), so rows that finished early stop costing
+        (an evaluation batch's replies end at very different lengths)."""
         n = len(keep)
         new = self._states.get(n)
         if new is None:

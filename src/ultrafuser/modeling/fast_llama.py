@@ -249,8 +249,8 @@ class Proj:
             else:
                 self.lora = (A, Bm, S)
             # Shared base on the CPU with the low-rank terms in the model dtype: every member's A rides along in
-            # the base's (in, out) product as G x R extra columns (each row computes all members' x·A; the G x R
-            # columns are ~2.5 % of a SmolLM2 projection's), one small matmul fewer per projection and step.
+            # the base's (in, out) product as G x R extra columns (each row computes all members' x·A: for the
+            # embedded default 48 columns next to 576-3,072), one small matmul fewer per projection and step.
             self.Wt_ext = self.b_ext = None
             if self.lora_lowp and shared and copy and getattr(self, "Wt", None) is not None:
                 self.Wt_ext = torch.cat([self.Wt, self.lora[0].permute(1, 0, 2).reshape(inp, -1)], 1).contiguous()
