@@ -1,7 +1,8 @@
 """Matmul layouts on the CPU with few rows, the measurement behind `fast_llama.CPU_FEW_ROWS` / `Group._head`:
 `F.linear(h, W)` (h·Wᵀ, the model's own (out, in) weight), `torch.mm(W, hᵀ)ᵀ` (W·hᵀ) and `torch.mm(h, Wt)` with a
-contiguous (in, out) copy Wt (the fast path's copies). Default shape: SmolLM2-135M's 49,152 × 576 LM head, fp32;
-`--vocab 3072 --hidden 576` is its gate|up projection.
+contiguous (in, out) copy Wt (the fast path's copies); at one row also W·hᵀ with a zero row added
+(`fast_llama.w_xt`). Default shape: SmolLM2-135M's 49,152 × 576 LM head, fp32; `--vocab 3072 --hidden 576` is its
+gate|up projection.
 
     python bench/cpu_head.py [--vocab 49152 --hidden 576 --rows 1,8,24,48,64 --dtype float32 --threads 2 --json OUT.json]
 """
@@ -15,6 +16,8 @@ import time
 
 import torch
 import torch.nn.functional as F
+
+from ultrafuser.modeling.fast_llama import w_xt
 
 
 def median_ms(fn, reps: int) -> float:
@@ -50,14 +53,17 @@ def main() -> int:
     for m in (int(x) for x in a.rows.split(",")):
         h = torch.randn(m, a.hidden).to(dt)
         ref = F.linear(h.float(), W.float())
-        for y in (F.linear(h, W), torch.mm(W, h.t()).t(), torch.mm(h, Wt)):
+        for y in (F.linear(h, W), torch.mm(W, h.t()).t(), torch.mm(h, Wt), w_xt(W, h).t()):
             assert torch.allclose(y.float(), ref, rtol=tol, atol=tol * ref.abs().max().item())
         lin = median_ms(lambda: F.linear(h, W), a.reps)
         wht = median_ms(lambda: torch.mm(W, h.t()).t(), a.reps)
         cp = median_ms(lambda: torch.mm(h, Wt), a.reps)
+        # the fast path's "w_xt": W·hᵀ with a single row padded by a zero row (differs from W·hᵀ at 1 row only)
+        pad = median_ms(lambda: w_xt(W, h).t(), a.reps) if m == 1 else wht
         out["rows"].append({"rows": m, "linear_ms": round(lin, 3), "w_ht_ms": round(wht, 3), "copy_ms": round(cp, 3),
-                            "speedup": round(lin / wht, 2)})
-        print(f"rows {m:4d}: h·Wᵀ {lin:7.3f} ms   W·hᵀ {wht:7.3f} ms   h·(Wᵀ copy) {cp:7.3f} ms")
+                            "w_xt_padded_ms": round(pad, 3), "speedup": round(lin / wht, 2)})
+        print(f"rows {m:4d}: h·Wᵀ {lin:7.3f} ms   W·hᵀ {wht:7.3f} ms   h·(Wᵀ copy) {cp:7.3f} ms"
+              + (f"   W·hᵀ padded to 2 rows {pad:7.3f} ms" if m == 1 else ""))
     if a.json:
         with open(a.json, "w") as f:
             json.dump(out, f, indent=2)

@@ -631,14 +631,15 @@ class Bench:
         fused = make_fused(models)
         single = make_fused(models[:1], gate="uniform")
         decs = {}
+        fkw = {"cpu_matmul": a.cpu_matmul}
         try:
-            decs["fused"] = FastFusedDecoder(fused, max_batch=mb, max_len=max_len, weights=weights)
-            decs["single"] = FastFusedDecoder(single, max_batch=mb, max_len=max_len, weights=weights)
+            decs["fused"] = FastFusedDecoder(fused, max_batch=mb, max_len=max_len, weights=weights, **fkw)
+            decs["single"] = FastFusedDecoder(single, max_batch=mb, max_len=max_len, weights=weights, **fkw)
             if weights == "copy" and also_refs:
-                decs["refs"] = FastFusedDecoder(fused, max_batch=mb, max_len=max_len, weights="refs")
+                decs["refs"] = FastFusedDecoder(fused, max_batch=mb, max_len=max_len, weights="refs", **fkw)
             if also_sdpa:
                 decs["sdpa"] = FastFusedDecoder(
-                    fused, max_batch=mb, max_len=max_len, weights=weights, decode_attention="sdpa"
+                    fused, max_batch=mb, max_len=max_len, weights=weights, decode_attention="sdpa", **fkw
                 )
         except Exception as e:  # noqa: BLE001 - one failure must not lose the rest
             msg = f"building fast decoders: {type(e).__name__}: {e}"
@@ -683,15 +684,16 @@ class Bench:
                 modes["fast-fused-sdpa"] = lambda p, s: decs["sdpa"].stream(p, s)
 
         def eager_fused():
-            d = FastFusedDecoder(fused, max_batch=mb, max_len=max_len, weights=weights, cuda_graphs=False)
+            d = FastFusedDecoder(fused, max_batch=mb, max_len=max_len, weights=weights, cuda_graphs=False, **fkw)
             return lambda p, s: d.stream(p, s)
 
         def eager_single():
-            d = FastFusedDecoder(single, max_batch=mb, max_len=max_len, weights=weights, cuda_graphs=False)
+            d = FastFusedDecoder(single, max_batch=mb, max_len=max_len, weights=weights, cuda_graphs=False, **fkw)
             return lambda p, s: d.stream(first_only(p), s)
 
         fallbacks = {"fast-fused": eager_fused, "fast-single": eager_single}  # if CUDA graphs fail
         self.phase(so, f"{shape} dense", modes, batches, dev, bytes_of, a.reps, fallbacks)
+        so["cpu_matmul"] = {k: d.cpu_matmul_choices() for k, d in decs.items()}
         for B in batches:
             if f"batch{B}" in so:
                 self.ratios(so[f"batch{B}"], B)
@@ -715,8 +717,8 @@ class Bench:
                     continue
                 try:
                     xd = {
-                        "fused": FastFusedDecoder(fused, max_batch=B, max_len=ml, weights="refs"),
-                        "single": FastFusedDecoder(single, max_batch=B, max_len=ml, weights="refs"),
+                        "fused": FastFusedDecoder(fused, max_batch=B, max_len=ml, weights="refs", **fkw),
+                        "single": FastFusedDecoder(single, max_batch=B, max_len=ml, weights="refs", **fkw),
                     }
                     xm = {
                         "fast-single": lambda p, s, xd=xd: xd["single"].stream(first_only(p), s),
@@ -754,8 +756,8 @@ class Bench:
                 }
                 lfused = make_fused([base] * N_SPEC, adapters=[None, "code", "math"])
                 lsingle = make_fused([base], adapters=[None], gate="uniform")
-                ldec = FastFusedDecoder(lfused, max_batch=mb, max_len=max_len, weights=weights)
-                single_dec = FastFusedDecoder(lsingle, max_batch=mb, max_len=max_len, weights=weights)
+                ldec = FastFusedDecoder(lfused, max_batch=mb, max_len=max_len, weights=weights, **fkw)
+                single_dec = FastFusedDecoder(lsingle, max_batch=mb, max_len=max_len, weights=weights, **fkw)
                 so["lora"]["fast_groups"] = ldec.describe_groups()
                 lmodes = {}
                 if "naive" in a.paths:
@@ -765,6 +767,8 @@ class Bench:
                     lmodes["fast-single"] = lambda p, s: single_dec.stream(first_only(p), s)
                 lso = so.setdefault("lora_phase", {})
                 self.phase(lso, f"{shape} lora", lmodes, batches, dev, bytes_of, a.reps)
+                so["lora"]["cpu_matmul"] = {"lora": ldec.cpu_matmul_choices(),
+                                            "single": single_dec.cpu_matmul_choices()}
                 for B in batches:
                     if f"batch{B}" in lso:
                         self.ratios(lso[f"batch{B}"], B)
@@ -856,6 +860,8 @@ def main(argv=None):
     )
     ap.add_argument("--paths", default="naive,fast")
     ap.add_argument("--weights", default="auto", choices=["auto", "copy", "refs"])
+    ap.add_argument("--cpu-matmul", default="auto", choices=["auto", "rule", "copies", "w_xt", "linear"],
+                    help="FastFusedDecoder(cpu_matmul=...): how CPU decode steps run their matmuls")
     ap.add_argument("--also-refs", action="store_true", help="also time fast-fused with weights='refs'")
     ap.add_argument(
         "--also-sdpa", action="store_true", help="also time fast-fused with decode_attention='sdpa'"

@@ -50,8 +50,9 @@ def make_tokenizer(extra_tokens: int = 0, vocab_size: int = 300, corpus_extra: t
 
 
 def make_llama(out_dir, tokenizer, seed: int, hidden: int = 32, layers: int = 2, vocab_rows: int | None = None,
-               max_positions: int = 256, tie: bool = False):
-    """Save a tiny random LlamaForCausalLM (+ tokenizer) to `out_dir`; return the path."""
+               max_positions: int = 256, tie: bool = False, bias: bool = False):
+    """Save a tiny random LlamaForCausalLM (+ tokenizer) to `out_dir`; return the path. bias: random q/k/v/o and
+    MLP biases (the Qwen2-style layout the fast path also reads)."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -67,12 +68,15 @@ def make_llama(out_dir, tokenizer, seed: int, hidden: int = 32, layers: int = 2,
         pad_token_id=tokenizer.pad_token_id,
         bos_token_id=None,
         tie_word_embeddings=tie,
+        attention_bias=bias,
+        mlp_bias=bias,
     )
     torch.manual_seed(seed)
     model = LlamaForCausalLM(cfg)
     with torch.no_grad():  # larger-than-default init so specialists differ visibly
-        for p in model.parameters():
-            p.normal_(0, 0.2) if p.dim() > 1 else None
+        for name, p in model.named_parameters():
+            if p.dim() > 1 or name.endswith(".bias"):
+                p.normal_(0, 0.2)
     out = Path(out_dir)
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)

@@ -12,6 +12,7 @@ from ultrafuser.config import FuseConfig, GateConfig, SpecialistConfig
 from ultrafuser.data.conversation import Aligned
 from ultrafuser.modeling import fast
 from ultrafuser.modeling.fast import FastFusedDecoder, Unsupported, device_sample
+from ultrafuser.modeling import fast_llama
 from ultrafuser.modeling.fast_llama import describe
 from ultrafuser.modeling.fused import FusedModel
 from ultrafuser.modeling import generation
@@ -393,7 +394,7 @@ def test_lora_terms_in_the_model_dtype_give_the_same_tokens(lora):
     """lora_precision="model" (the CUDA bf16 default: scale folded into B, one baddbmm) is the same math; in fp32
     on the CPU its greedy tokens equal the reference's."""
     model, prompts, want = lora
-    dec = FastFusedDecoder(model, max_batch=4, max_len=256, lora_precision="model")
+    dec = FastFusedDecoder(model, max_batch=4, max_len=256, lora_precision="model", cpu_matmul="rule")
     assert any(p.lora_lowp for g in dec.groups for L in g.layers for p in L.values() if hasattr(p, "lora_lowp"))
     assert ids(dec.generate(prompts, GREEDY)) == want
     # one prompt = 3 rows through the shared base: the (in, out) copies, each member's A as extra columns of the
@@ -429,7 +430,8 @@ def test_cpu_head_benchmark_runs(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     res = json.loads(out.read_text())
     assert res["dtype"] == "bfloat16" and [x["rows"] for x in res["rows"]] == [1, 8]
-    assert all(x["linear_ms"] > 0 and x["w_ht_ms"] > 0 and x["copy_ms"] > 0 for x in res["rows"])
+    assert all(x["linear_ms"] > 0 and x["w_ht_ms"] > 0 and x["copy_ms"] > 0 and x["w_xt_padded_ms"] > 0
+               for x in res["rows"])
 
 
 
@@ -448,3 +450,60 @@ def test_finished_rows_leave_the_batch(dense, lora):
         for a, b in zip(got, want):
             assert all(abs(wa[d] - wb[d]) < 1e-5 for wa, wb in zip(a.weights, b.weights) for d in wa)
         assert {1, 2, 3} <= set(dec._states)  # the batch shrank twice: 3 -> 2 -> 1 rows
+
+
+@pytest.fixture(scope="module")
+def biased(tiny_dir, tmp_path_factory):
+    """Three tiny specialists with q/k/v/o and MLP biases (Qwen2-style), one of them with a tied head."""
+    from tinymodels import make_llama, make_tokenizer
+
+    root, tok = tmp_path_factory.mktemp("biased"), make_tokenizer()
+    paths = [make_llama(root / d, tok, seed=10 + i, bias=True, tie=d == "math") for i, d in enumerate(("t", "c", "m"))]
+    model = fuse(paths, seed=2)
+    prompts = [model.encode_prompt(t) for t in TEXTS]
+    return model, prompts, [c.token_ids for c in generate(model, prompts, GREEDY)]
+
+
+@pytest.mark.parametrize("form", ["rule", "copies", "w_xt", "linear"])
+def test_cpu_matmul_forms_give_the_reference_tokens(dense, lora, biased, form, monkeypatch):
+    """Every way the decode step can run its CPU matmuls gives the reference's greedy tokens (fp32), for stacked
+    and shared-base groups, with and without biases, copied and in-place weights, batches of 3 and of 1."""
+    calls = []
+    real = fast_llama.w_xt
+    monkeypatch.setattr(fast_llama, "w_xt", lambda w, x2: calls.append(x2.shape[0]) or real(w, x2))
+    for name, (model, prompts, want) in (("dense", dense), ("lora", lora), ("biased", biased)):
+        for weights in ("copy", "refs"):
+            dec = FastFusedDecoder(model, max_batch=4, max_len=256, weights=weights, cpu_matmul=form)
+            assert ids(dec.generate(prompts, GREEDY)) == want, (name, weights)
+            assert ids(dec.generate(prompts[:1], GREEDY)) == want[:1], (name, weights)
+            assert dec.cpu_matmul_choices()[0]["by_batch"] == {}  # a forced form measures nothing
+    if form == "w_xt":  # the W·xᵀ path really ran, a single row (padded) included
+        assert 1 in calls and 3 in calls
+    else:
+        assert not calls
+    with pytest.raises(ValueError, match="cpu_matmul='gemv'"):
+        FastFusedDecoder(dense[0], max_batch=4, max_len=256, cpu_matmul="gemv")
+
+
+def test_cpu_matmul_auto_measures_each_small_batch_once(dense, lora, monkeypatch):
+    """cpu_matmul="auto" (fp32 on the CPU): the first decode of each batch size with at most CPU_TUNE_MAX_ROWS rows
+    per matmul times every available form on the group's own weights and keeps one; the tokens stay the
+    reference's."""
+    monkeypatch.setattr(fast_llama, "CPU_TUNE_MAX_ROWS", 8)  # a shared batch of 3 (9 rows) keeps the fixed rule
+    for (model, prompts, want), weights in ((dense, "copy"), (lora, "copy"), (dense, "refs")):
+        dec = FastFusedDecoder(model, max_batch=4, max_len=256, weights=weights)
+        assert ids(dec.generate(prompts, GREEDY)) == want
+        assert ids(dec.generate(prompts[:1], GREEDY)) == want[:1]
+        g = dec.groups[0]
+        (choice,) = dec.cpu_matmul_choices()
+        # rows per matmul: 3 rows of a stacked group (each member's own matmul), 9 or 3 through a shared base
+        assert set(choice["by_batch"]) == ({1} if g.shared else {1, 3})
+        for f in choice["by_batch"].values():
+            proj_forms, head_forms = g.layers[0]["qkv"].forms, g.head_forms
+            assert set(f["ms"]["proj"]) == set(proj_forms) and set(f["ms"]["head"]) == set(head_forms)
+            assert all(t > 0 for part in f["ms"].values() for t in part.values())
+            assert f["proj"] in proj_forms and f["head"] in head_forms
+        assert ("copies" in proj_forms) == (weights == "copy") and "w_xt" in proj_forms
+        n = len(choice["by_batch"])
+        dec.generate(prompts[:1], GREEDY)
+        assert len(dec.cpu_matmul_choices()[0]["by_batch"]) == n  # measured once per batch size

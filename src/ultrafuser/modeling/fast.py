@@ -37,7 +37,7 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 
 from ultrafuser.data.conversation import Aligned
-from ultrafuser.modeling.fast_llama import Group, Unsupported, _is_lora, describe
+from ultrafuser.modeling.fast_llama import CPU_FORMS, Group, Unsupported, _is_lora, describe
 from ultrafuser.modeling.fast_sample import _M32, device_sample
 from ultrafuser.modeling.generation import (
     Completion,
@@ -144,6 +144,11 @@ class FastFusedDecoder:
     lora_precision: "auto" (LoRA terms in the model dtype for bf16/fp16 models — PEFT's fp32 terms are slow thin
       GEMMs on CUDA and on the CPU — else in the adapters' dtype, as PEFT), "adapter" (always PEFT's way) or
       "model" (always the model dtype, scale folded into B, one fused add).
+    cpu_matmul: how the decode step's matmuls run on the CPU: "auto" (for fp32 groups, measured on the group's
+      own weights the first time each batch size up to fast_llama.CPU_TUNE_MAX_ROWS rows per matmul decodes: the
+      fastest formulation differs between CPUs and BLAS builds, by 2-3x on some; other dtypes: the fixed rule),
+      "rule" (the fixed rule), or a formulation forced wherever available: "copies", "w_xt", "linear" (see
+      fast_llama.CPU_FORMS). `cpu_matmul_choices()` reports what was chosen and measured.
     """
 
     def __init__(
@@ -162,7 +167,11 @@ class FastFusedDecoder:
         bucket: int = 128,
         decode_attention: str = "bmm",
         lora_precision: str = "auto",
+        cpu_matmul: str = "auto",
     ):
+        if cpu_matmul not in ("auto", "rule") + CPU_FORMS:
+            raise ValueError(f"cpu_matmul={cpu_matmul!r}: use auto, rule or one of {', '.join(CPU_FORMS)}")
+        self.cpu_matmul = cpu_matmul
         if weights not in ("auto", "copy", "refs"):
             raise ValueError(f"weights={weights!r}: use auto, copy or refs")
         if lora_precision not in ("auto", "adapter", "model"):
@@ -265,6 +274,7 @@ class FastFusedDecoder:
                 self.max_len,
                 attention=self.decode_attention,
                 lora_precision=self.lora_precision,
+                cpu_matmul=self.cpu_matmul,
             )
             self.groups.append(g)
             self.members.append(ks)
@@ -298,6 +308,13 @@ class FastFusedDecoder:
                 "shared_base": g.shared,
                 "weights": "copy" if g.copy else "refs",
             }
+            for ks, g in zip(self.members, self.groups)
+        ]
+
+    def cpu_matmul_choices(self) -> list[dict]:
+        """Per group: the matmul forms chosen (and the ms measured) per batch size so far (cpu_matmul="auto")."""
+        return [
+            {"specialists": [self.model.specialists[k].domain for k in ks], "by_batch": dict(g.cpu_forms)}
             for ks, g in zip(self.members, self.groups)
         ]
 

@@ -21,13 +21,16 @@ fp32, LoRA in the adapter's dtype then cast back), so fp32 greedy tokens match t
 
 from __future__ import annotations
 
+import logging
 import math
+import time
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+log = logging.getLogger(__name__)
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 _SEQ_DEPENDENT_ROPE = ("dynamic", "longrope")
 NEG_INF = float("-inf")
@@ -37,6 +40,31 @@ NEG_INF = float("-inf")
 # copies are as fast or faster at every row count for the projections, and the LM head runs fastest as the
 # plain (V, H) product h·Wᵀ — so no row threshold there.
 CPU_FEW_ROWS = 3
+
+
+# Few-row matmuls on the CPU can run three ways, and which is fastest depends on the BLAS and the CPU more than on
+# the shape: "copies" (x·Wt with the (in, out) copies), "w_xt" (W·xᵀ on the models' own (out, in) weights, one zero
+# row added to a single row: for one column MKL takes a slow GEMV path — SmolLM2's fp32 LM head took 9.0 ms
+# unpadded, 2.9 ms padded, 4.1 ms as "copies" in `python bench/cpu_head.py --rows 1,3` on the VM below) and
+# "linear" (F.linear, x·Wᵀ). On a 2-core AMD EPYC (Zen 4) in fp32, a SmolLM2-135M step's projections (the `cpu_matmul` timings that
+# `python bench/decode.py --shape smollm2-135m --device cpu --dtype float32 --batches 1,4` records) took
+# 26 / 18 / 36 ms (copies / w_xt / linear) at 1 row, 49 / 28 / 61 ms at 3 rows and 71-74 ms every way at 12 rows,
+# while the 2-core AVX2 VM that set CPU_FEW_ROWS measured "copies" fastest at 1-3 rows. So a group measures the
+# choice on its own weights the first time it decodes a batch with at most CPU_TUNE_MAX_ROWS rows per matmul
+# (FastFusedDecoder(cpu_matmul=...)). bf16 / fp16 keep the fixed rule: there the ways differ by ~25 % at most
+# (`bench/cpu_head.py --dtype bfloat16 --rows 1,3,12`), not worth run-to-run changes in bf16 rounding.
+CPU_FORMS = ("copies", "w_xt", "linear")
+CPU_TUNE_MAX_ROWS = 16
+# an alternative replaces the default form only when this much faster: near-ties keep the default, so the same
+# machine keeps making the same choice (and the same fp32 roundings) from run to run
+CPU_TUNE_MARGIN = 0.8
+
+
+def w_xt(w: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
+    """W (out, in) · x2ᵀ for x2 (rows, in) -> (out, rows); a single row is padded with a zero row (see CPU_FORMS)."""
+    if x2.shape[0] == 1:
+        return torch.mm(w, torch.cat([x2, x2.new_zeros(x2.shape)]).t())[:, :1]
+    return torch.mm(w, x2.t())
 
 
 def cpu_few_rows(dtype: torch.dtype) -> float:
@@ -258,19 +286,42 @@ class Proj:
                 if self.b is not None:
                     self.b_ext = torch.cat([self.b, self.b.new_zeros(G * self.lora[0].shape[2])])
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self.lora is not None and self.Wt_ext is not None and not (
-            self.many_rows_refs and x.shape[1] * self.G > self.few_rows
-        ):
+    @property
+    def forms(self) -> tuple[str, ...]:
+        """The formulations this projection can run (see CPU_FORMS)."""
+        return (("copies",) if self.copy else ()) + (("w_xt", "linear") if self.refs is not None else ())
+
+    def default_form(self, x: torch.Tensor) -> str:
+        rows = x.shape[1] * (self.G if self.shared else 1)
+        return "copies" if self.copy and not (self.many_rows_refs and rows > self.few_rows) else "linear"
+
+    def _w_xt(self, x: torch.Tensor) -> torch.Tensor:
+        """W·xᵀ on the models' own (out, in) weights, transposed back to (rows, out)."""
+        G, M, inp = x.shape
+
+        def one(x2, parts):
+            yt = torch.cat([w_xt(w, x2) for w, _ in parts]) if len(parts) > 1 else w_xt(parts[0][0], x2)
+            y = yt.t().contiguous()
+            if any(b is not None for _, b in parts):
+                y += torch.cat([b if b is not None else w.new_zeros(w.shape[0]) for w, b in parts])
+            return y
+
+        if self.shared:
+            return one(x.reshape(G * M, inp), self.refs[0]).view(G, M, -1)
+        return torch.stack([one(x[g], r) for g, r in enumerate(self.refs)])
+
+    def __call__(self, x: torch.Tensor, form: str | None = None) -> torch.Tensor:
+        """x (G, M, in) -> (G, M, sum of out); `form` (one of `forms`) overrides the default choice."""
+        if form is None or form not in self.forms:
+            form = self.default_form(x)
+        if self.lora is not None and self.Wt_ext is not None and form == "copies":
             G, M, inp = x.shape
             x2 = x.reshape(G * M, inp)
             ye = torch.mm(x2, self.Wt_ext) if self.b_ext is None else torch.addmm(self.b_ext, x2, self.Wt_ext)
             out, R = ye.shape[1] - G * self.lora[0].shape[2], self.lora[0].shape[2]
             xa = ye[:, out:].reshape(G, M, G, R).diagonal(dim1=0, dim2=2).permute(2, 0, 1)  # member g's x·A_g
             return torch.baddbmm(ye[:, :out].reshape(G, M, out), xa, self.lora[1])
-        if self.copy and not (
-            self.many_rows_refs and x.shape[1] * (self.G if self.shared else 1) > self.few_rows
-        ):
+        if form == "copies":
             if self.shared and self.W is not None:
                 y = F.linear(x, self.W, self.b)  # all G×M rows through the one base: (G, M, out)
             elif self.shared:
@@ -283,6 +334,8 @@ class Proj:
                 y = torch.bmm(x, self.Wt)  # (G, M, out)
             else:
                 y = torch.baddbmm(self.b.unsqueeze(1), x, self.Wt)
+        elif form == "w_xt":
+            y = self._w_xt(x)
         elif self.shared:
             r = self.refs[0]
             y = F.linear(x, *r[0]) if len(r) == 1 else torch.cat([F.linear(x, w, b) for w, b in r], -1)
@@ -309,13 +362,19 @@ class Group:
     """G specialists of one architecture on one device, decoded as one batch (see the module docstring)."""
 
     def __init__(self, members, device, weights: str, max_batch: int, max_len: int, attention: str = "bmm",
-                 lora_precision: str = "auto"):
+                 lora_precision: str = "auto", cpu_matmul: str = "auto"):
         """members: [(hf_model, adapter_name | None)]; weights: 'copy' or 'refs'; attention (decode step): 'bmm'
         (scores rounded to the model dtype before an fp32 softmax, like HF eager attention) or 'sdpa' (PyTorch's
-        fused kernel: fp32 scores and softmax, like HF's default sdpa attention on CUDA)."""
+        fused kernel: fp32 scores and softmax, like HF's default sdpa attention on CUDA); cpu_matmul: how the
+        decode step's matmuls run on the CPU — 'auto' (fp32: measured per batch size, see CPU_FORMS; else the
+        fixed rule), 'rule' (the fixed rule of CPU_FEW_ROWS), or one of CPU_FORMS wherever available."""
         if attention not in ("bmm", "sdpa"):
             raise ValueError(f"attention={attention!r}: use bmm or sdpa")
+        if cpu_matmul not in ("auto", "rule") + CPU_FORMS:
+            raise ValueError(f"cpu_matmul={cpu_matmul!r}: use auto, rule or one of {', '.join(CPU_FORMS)}")
         self.attention = attention
+        self.cpu_matmul = cpu_matmul
+        self.cpu_forms: dict[int, dict] = {}  # batch size -> {"proj": form, "head": form, "ms": timings}
         models = [m for m, _ in members]
         adapters = [a for _, a in members]
         self.G = G = len(members)
@@ -411,7 +470,24 @@ class Group:
             return F.embedding(ids, self.emb_refs[0])
         return torch.stack([F.embedding(ids[g], w) for g, w in enumerate(self.emb_refs)])
 
-    def _head(self, h):  # h (G, B, H) -> logits (G, B, V)
+    @property
+    def head_forms(self) -> tuple[str, ...]:
+        return (("copies",) if self.copy else ()) + (("w_xt", "linear") if self.head_refs is not None else ())
+
+    def _head(self, h, form: str | None = None):  # h (G, B, H) -> logits (G, B, V)
+        if form in ("w_xt", "linear") and self.head_refs is not None:
+            G, B, H = h.shape
+            if form == "linear":
+                return F.linear(h, self.head_refs[0]) if self.shared else torch.stack(
+                    [F.linear(h[g], w) for g, w in enumerate(self.head_refs)])
+            if self.shared:
+                return w_xt(self.head_refs[0], h.reshape(G * B, H)).t().reshape(G, B, -1)
+            return torch.stack([w_xt(w, h[g]).t() for g, w in enumerate(self.head_refs)])
+        if form == "copies" and self.copy:
+            if self.shared:
+                G, B, H = h.shape
+                return torch.mm(h.reshape(G * B, H), self.head_t[0]).view(G, B, -1)
+            return torch.bmm(h, self.head_t)
         rows = h.shape[1] * (self.G if self.shared else 1)
         cpu = self.device.type == "cpu"
         if self.copy and cpu and self.arch.dtype != torch.float32:  # h·Wᵀ with the (V, H) head (CPU_FEW_ROWS)
@@ -455,25 +531,77 @@ class Group:
         h = x.shape[-1] // 2
         return x * cos + torch.cat((-x[..., h:], x[..., :h]), dim=-1) * sin
 
-    def _layer_qkv(self, Lw, x, cos, sin):
+    def _layer_qkv(self, Lw, x, cos, sin, form=None):
         """x (G, B, T, H) -> q (G, B, T, Hq, D), k, v (G, B, T, Hkv, D), RoPE applied (to q and k at once)."""
         a = self.arch
         G, B, T, _ = x.shape
         h = self._norm(x, Lw["ln1"])
-        qkv = Lw["qkv"](h.view(G, B * T, -1))  # (G, B*T, Dq + 2 Dkv)
+        qkv = Lw["qkv"](h.view(G, B * T, -1), form)  # (G, B*T, Dq + 2 Dkv)
         dqk = (a.heads + a.kv_heads) * a.head_dim
         qk = self._rotate(qkv[..., :dqk].view(G, B, T, a.heads + a.kv_heads, a.head_dim), cos, sin)
         v = qkv[..., dqk:].view(G, B, T, a.kv_heads, a.head_dim)
         return qk[:, :, :, : a.heads], qk[:, :, :, a.heads :], v
 
-    def _layer_rest(self, Lw, x, attn):
+    def _layer_rest(self, Lw, x, attn, form=None):
         """Residual adds, o_proj and the SwiGLU MLP. attn (G, B*T, Hq*D)."""
         G, B, T, H = x.shape
-        x = x + Lw["o"](attn).reshape(G, B, T, H)
+        x = x + Lw["o"](attn, form).reshape(G, B, T, H)
         h = self._norm(x, Lw["ln2"])
-        gu = Lw["gu"](h.view(G, B * T, H))  # (G, B*T, 2I)
+        gu = Lw["gu"](h.view(G, B * T, H), form)  # (G, B*T, 2I)
         I = self.arch.inter
-        return x + Lw["down"](F.silu(gu[..., :I]) * gu[..., I:]).view(G, B, T, H)
+        return x + Lw["down"](F.silu(gu[..., :I]) * gu[..., I:], form).view(G, B, T, H)
+
+    # ------------------------------------------------------------------ CPU matmul forms
+    def forms_for(self, B: int) -> tuple[str | None, str | None]:
+        """(projection form, LM-head form) of a decode step with batch B; None: the fixed rule."""
+        if self.device.type != "cpu" or self.cpu_matmul == "rule":
+            return None, None
+        if self.cpu_matmul != "auto":
+            return self.cpu_matmul, self.cpu_matmul
+        if self.arch.dtype != torch.float32 or B * (self.G if self.shared else 1) > CPU_TUNE_MAX_ROWS:
+            return None, None
+        if B not in self.cpu_forms:
+            self.cpu_forms[B] = f = self._tune(B)
+            log.debug("CPU matmuls at batch %d: projections %s, LM head %s (ms: %s)", B, f["proj"], f["head"], f["ms"])
+        f = self.cpu_forms[B]
+        return f["proj"], f["head"]
+
+    def _tune(self, B: int) -> dict:
+        """Time each available form on this group's own weights (all layers: the step's real memory traffic)."""
+        a, G, dev = self.arch, self.G, self.device
+        gen = torch.Generator().manual_seed(0)
+
+        def rand(n):
+            return torch.randn((G, B, n), generator=gen).to(dev, a.dtype)
+
+        xh, xa, xi = rand(a.hidden), rand(a.heads * a.head_dim), rand(a.inter)
+        L0 = self.layers[0]
+
+        def sweep(form):
+            for Lw in self.layers:
+                Lw["qkv"](xh, form), Lw["o"](xa, form), Lw["gu"](xh, form), Lw["down"](xi, form)
+
+        rows = B * (G if self.shared else 1)
+        head_default = "copies" if self.copy and not (self.head_refs is not None and rows > CPU_FEW_ROWS) else "w_xt"
+        out = {"ms": {}}
+        with torch.no_grad():
+            for part, forms, default, run in (
+                ("proj", L0["qkv"].forms, L0["qkv"].default_form(xh), sweep),
+                ("head", self.head_forms, head_default, lambda f: self._head(xh, f)),
+            ):
+                ms = {f: math.inf for f in forms}
+                for f in forms:  # warm-up
+                    run(f)
+                for _ in range(3):  # interleaved, best of three
+                    for f in forms:
+                        t = time.perf_counter()
+                        run(f)
+                        ms[f] = min(ms[f], (time.perf_counter() - t) * 1e3)
+                best = min(ms, key=ms.get) if ms else default
+                keep = default in ms and ms[best] >= CPU_TUNE_MARGIN * ms[default]
+                out[part] = default if keep else best
+                out["ms"][part] = {f: round(t, 3) for f, t in ms.items()}
+        return out
 
     # ------------------------------------------------------------------ prefill / decode
     def prefill(self, ids, mask, row0: int = 0, slot0: int = 0):
@@ -530,8 +658,9 @@ class Group:
         else:
             bias = torch.zeros((B, G, Hkv, 1, t_attn), device=tok.device, dtype=a.dtype)
             bias = bias.masked_fill(~allowed.view(B, G, 1, 1, t_attn), NEG_INF).view(B * G * Hkv, 1, t_attn)
+        pf, hf = self.forms_for(B)
         for i, Lw in enumerate(self.layers):
-            q, k, v = self._layer_qkv(Lw, x, cos, sin)  # (G, B, 1, heads, D)
+            q, k, v = self._layer_qkv(Lw, x, cos, sin, pf)  # (G, B, 1, heads, D)
             kc, vc = self.k_cache[i][:B], self.v_cache[i][:B]  # contiguous (B, G, Hkv, T_max, D)
             kc.index_copy_(3, cur, k.permute(1, 0, 3, 2, 4))
             vc.index_copy_(3, cur, v.permute(1, 0, 3, 2, 4))
@@ -548,6 +677,6 @@ class Group:
                 p = torch.softmax(s, dim=-1, dtype=torch.float32).to(a.dtype)  # (BGHkv, rep, T)
                 o = torch.bmm(p, kv_v)  # (BGHkv, rep, D)
             o = o.view(B, G, a.heads * D).transpose(0, 1)  # (G, B, Hq*D)
-            x = self._layer_rest(Lw, x, o)
+            x = self._layer_rest(Lw, x, o, pf)
         h = self._norm(x, self.norm)[:, :, 0]
-        return h, self._head(h)
+        return h, self._head(h, hf)
