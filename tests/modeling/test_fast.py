@@ -94,7 +94,8 @@ def test_lora_shared_base_runs_as_one_batch(lora):
     (g,) = dec.describe_groups()
     assert g["shared_base"] and g["specialists"] == ["text", "code", "math"]
     # the base weights exist once in the group: one (out, in) matrix per projection, no per-specialist stack
-    assert dec.groups[0].layers[0]["qkv"].Wt.dim() == 2
+    q = dec.groups[0].layers[0]["qkv"]
+    assert len(q.P) == 1 if q.P is not None else q.Wt.dim() == 2
     assert ids(dec.generate(prompts, GREEDY)) == want
 
 
@@ -399,8 +400,15 @@ def test_lora_terms_in_the_model_dtype_give_the_same_tokens(lora):
     assert ids(dec.generate(prompts, GREEDY)) == want
     # one prompt = 3 rows through the shared base: the (in, out) copies, each member's A as extra columns of the
     # base's product (more rows in fp32 take the models' own weights and a separate x·A)
-    assert all(p.Wt_ext is not None for g in dec.groups for L in g.layers for p in L.values() if hasattr(p, "Wt_ext"))
+    lora_projs = [p for g in dec.groups for L in g.layers for p in L.values() if getattr(p, "lora", None)]
+    assert lora_projs and all(p.Wt_ext is not None and p.a_in_base for p in lora_projs)
     assert ids(dec.generate(prompts[:1], GREEDY)) == want[:1]
+    if fast_llama.mkldnn_packing(torch.float32):  # the same with oneDNN-packed copies: A's rows join the packed base
+        dec = FastFusedDecoder(model, max_batch=4, max_len=256, lora_precision="model", cpu_matmul="packed")
+        projs = [p for g in dec.groups for L in g.layers for p in L.values() if getattr(p, "lora", None)]
+        assert projs and all(p.a_in_base and p.P is not None and p.Wt_ext is None for p in projs)
+        assert ids(dec.generate(prompts, GREEDY)) == want
+        assert ids(dec.generate(prompts[:1], GREEDY)) == want[:1]
     with pytest.raises(ValueError, match="lora_precision"):
         FastFusedDecoder(model, max_batch=4, max_len=256, lora_precision="fp8")
 
@@ -464,7 +472,7 @@ def biased(tiny_dir, tmp_path_factory):
     return model, prompts, [c.token_ids for c in generate(model, prompts, GREEDY)]
 
 
-@pytest.mark.parametrize("form", ["rule", "copies", "w_xt", "linear"])
+@pytest.mark.parametrize("form", ["rule", "packed", "copies", "w_xt", "linear"])
 def test_cpu_matmul_forms_give_the_reference_tokens(dense, lora, biased, form, monkeypatch):
     """Every way the decode step can run its CPU matmuls gives the reference's greedy tokens (fp32), for stacked
     and shared-base groups, with and without biases, copied and in-place weights, batches of 3 and of 1."""
@@ -503,7 +511,8 @@ def test_cpu_matmul_auto_measures_each_small_batch_once(dense, lora, monkeypatch
             assert set(f["ms"]["proj"]) == set(proj_forms) and set(f["ms"]["head"]) == set(head_forms)
             assert all(t > 0 for part in f["ms"].values() for t in part.values())
             assert f["proj"] in proj_forms and f["head"] in head_forms
-        assert ("copies" in proj_forms) == (weights == "copy") and "w_xt" in proj_forms
+        own = "packed" if fast_llama.mkldnn_packing(torch.float32) else "copies"  # the decoder's own copies
+        assert (own in proj_forms) == (weights == "copy") and "w_xt" in proj_forms
         n = len(choice["by_batch"])
         dec.generate(prompts[:1], GREEDY)
         assert len(dec.cpu_matmul_choices()[0]["by_batch"]) == n  # measured once per batch size

@@ -156,6 +156,12 @@ def test_sampling_is_seeded_and_respects_top_k(paths):
     g = generate(model, p, SamplingParams(max_new_tokens=10, ignore_eos=True))[0]
     k1 = generate(model, p, SamplingParams(max_new_tokens=10, temperature=0.7, top_k=1, seed=3, ignore_eos=True))[0]
     assert g.token_ids == k1.token_ids
+    # a vanishing temperature (the smallest float: logits / t would overflow to NaN probabilities) decodes greedily,
+    # on the fast path and the reference path (found by the serving fuzz test)
+    tiny = SamplingParams(max_new_tokens=10, temperature=5e-324, seed=3, ignore_eos=True)
+    assert tiny.temperature == 0.0
+    assert generate(model, p, tiny)[0].token_ids == g.token_ids
+    assert generate(model, p, tiny, fast=False)[0].token_ids == g.token_ids
 
 
 def test_stop_strings_and_eos(paths):

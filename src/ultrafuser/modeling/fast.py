@@ -144,11 +144,12 @@ class FastFusedDecoder:
     lora_precision: "auto" (LoRA terms in the model dtype for bf16/fp16 models — PEFT's fp32 terms are slow thin
       GEMMs on CUDA and on the CPU — else in the adapters' dtype, as PEFT), "adapter" (always PEFT's way) or
       "model" (always the model dtype, scale folded into B, one fused add).
-    cpu_matmul: how the decode step's matmuls run on the CPU: "auto" (for fp32 groups, measured on the group's
-      own weights the first time each batch size up to fast_llama.CPU_TUNE_MAX_ROWS rows per matmul decodes: the
-      fastest formulation differs between CPUs and BLAS builds, by 2-3x on some; other dtypes: the fixed rule),
-      "rule" (the fixed rule), or a formulation forced wherever available: "copies", "w_xt", "linear" (see
-      fast_llama.CPU_FORMS). `cpu_matmul_choices()` reports what was chosen and measured.
+    cpu_matmul: how the decode step's matmuls run on the CPU: "auto" (copies packed for oneDNN's linear where
+      the PyTorch build has it; for fp32 groups the formulation is measured on the group's own weights the first
+      time each batch size up to fast_llama.CPU_TUNE_MAX_ROWS rows per matmul decodes: the fastest differs between
+      CPUs and BLAS builds, by 2-3x on some), "rule" (plain copies and the fixed rule, as before packing), or a
+      formulation forced wherever available: "packed", "copies", "w_xt", "linear" (see fast_llama.CPU_FORMS).
+      `cpu_matmul_choices()` reports what was chosen and measured.
     """
 
     def __init__(

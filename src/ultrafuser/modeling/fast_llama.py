@@ -42,8 +42,10 @@ NEG_INF = float("-inf")
 CPU_FEW_ROWS = 3
 
 
-# Few-row matmuls on the CPU can run three ways, and which is fastest depends on the BLAS and the CPU more than on
-# the shape: "copies" (x·Wt with the (in, out) copies), "w_xt" (W·xᵀ on the models' own (out, in) weights, one zero
+# Few-row matmuls on the CPU can run several ways, and which is fastest depends on the BLAS and the CPU more than on
+# the shape: "packed" (oneDNN's linear on copies reordered into its blocked layout — what Inductor does on the CPU;
+# the default where the PyTorch build has it, bf16 included: see docs/benchmarks.md), "copies" (x·Wt with plain
+# (in, out) copies), "w_xt" (W·xᵀ on the models' own (out, in) weights, one zero
 # row added to a single row: for one column MKL takes a slow GEMV path — SmolLM2's fp32 LM head took 9.0 ms
 # unpadded, 2.9 ms padded, 4.1 ms as "copies" in `python bench/cpu_head.py --rows 1,3` on the VM below) and
 # "linear" (F.linear, x·Wᵀ). On a 2-core AMD EPYC (Zen 4) in fp32, a SmolLM2-135M step's projections (the `cpu_matmul` timings that
@@ -53,11 +55,44 @@ CPU_FEW_ROWS = 3
 # choice on its own weights the first time it decodes a batch with at most CPU_TUNE_MAX_ROWS rows per matmul
 # (FastFusedDecoder(cpu_matmul=...)). bf16 / fp16 keep the fixed rule: there the ways differ by ~25 % at most
 # (`bench/cpu_head.py --dtype bfloat16 --rows 1,3,12`), not worth run-to-run changes in bf16 rounding.
-CPU_FORMS = ("copies", "w_xt", "linear")
+CPU_FORMS = ("packed", "copies", "w_xt", "linear")
 CPU_TUNE_MAX_ROWS = 16
 # an alternative replaces the default form only when this much faster: near-ties keep the default, so the same
 # machine keeps making the same choice (and the same fp32 roundings) from run to run
 CPU_TUNE_MARGIN = 0.8
+
+
+_PACKING: dict = {}
+
+
+def mkldnn_pack(w: torch.Tensor) -> torch.Tensor:
+    """w (out, in) reordered into oneDNN's blocked layout for its linear (PyTorch's own op, as Inductor uses on
+    the CPU); the batch-size hint 16 measured as fast as exact hints at 1-48 rows."""
+    return torch.ops.mkldnn._reorder_linear_weight(w.contiguous(), 16)
+
+
+def mkldnn_linear(x2: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return torch.ops.mkldnn._linear_pointwise(x2, packed, bias, "none", [], "")
+
+
+def mkldnn_packing(dtype: torch.dtype) -> bool:
+    """Whether this PyTorch build runs oneDNN's packed linear in `dtype`, checked once against F.linear (the ops are
+    PyTorch internals; a build without them, or one that changed them, falls back to plain copies)."""
+    if dtype not in _PACKING:
+        ok = False
+        try:
+            if torch.backends.mkldnn.is_available():
+                g = torch.Generator().manual_seed(0)
+                w, x, b = (torch.randn(s, generator=g).to(dtype) for s in ((24, 16), (3, 16), (24,)))
+                with torch.no_grad():
+                    y = mkldnn_linear(x, mkldnn_pack(w), b)
+                ok = y.shape == (3, 24) and torch.allclose(y.float(), F.linear(x, w, b).float(), rtol=2e-2, atol=2e-2)
+        except (RuntimeError, AttributeError, NotImplementedError, TypeError):
+            ok = False
+        if not ok:
+            log.info("oneDNN packed linear unavailable for %s: the CPU fast path uses plain copies", dtype)
+        _PACKING[dtype] = ok
+    return _PACKING[dtype]
 
 
 def w_xt(w: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
@@ -203,7 +238,8 @@ class Proj:
     Call with x (G, M, in) -> (G, M, sum of out).
     """
 
-    def __init__(self, parts, adapters, shared: bool, copy: bool, device, dtype, lora_precision: str = "auto"):
+    def __init__(self, parts, adapters, shared: bool, copy: bool, device, dtype, lora_precision: str = "auto",
+                 pack: bool = True):
         G = len(parts)
         self.G, self.shared, self.copy = G, shared, copy
         bases = [[_base_linear(m) for m in p] for p in parts]
@@ -211,6 +247,10 @@ class Proj:
         out, inp = sum(self.outs), bases[0][0].in_features
         srcs = bases[:1] if shared else bases
         has_bias = any(b.bias is not None for bs in srcs for b in bs)
+        cpu = torch.device(device).type == "cpu"
+        packed = pack and copy and cpu and mkldnn_packing(dtype)
+        self.P = self.b_P = None  # oneDNN-packed (out[+G·R], in) copies, one per member (shared: one)
+        self.a_in_base = False  # each member's LoRA A rides in the base's product
         if copy:
             W = torch.empty((len(srcs), out, inp), device=device, dtype=dtype)
             bias = torch.zeros((len(srcs), out), device=device, dtype=dtype) if has_bias else None
@@ -222,11 +262,13 @@ class Proj:
                         bias[g, o : o + b.out_features].copy_(b.bias)
                     o += b.out_features
             self.b = None if bias is None else (bias[0] if shared else bias)
-            # Layout: on the CPU the copies are stored (in, out) — MKL's few-row matmuls measured 1.7-2.2x faster
+            # Layout: on the CPU oneDNN-packed copies where this PyTorch build has them (see CPU_FORMS; packed below,
+            # once the LoRA terms are known), else (in, out) copies — MKL's few-row matmuls measured 1.7-2.2x faster
             # that way at M = 1..3 than nn.Linear's (out, in); on CUDA the nn.Linear layout (cuBLAS' M=1 kernels).
-            cpu = torch.device(device).type == "cpu"
             self.W = None
-            if shared:
+            if packed:
+                self.Wt, to_pack = None, W
+            elif shared:
                 if cpu:
                     self.Wt = W[0].t().contiguous()  # (in, out)
                 else:
@@ -234,6 +276,8 @@ class Proj:
             else:
                 self.Wt = W.transpose(1, 2).contiguous() if cpu else W.transpose(1, 2)  # (G, in, out)
             del W
+        else:
+            self.b = self.W = self.Wt = None
         in_place = all(
             b.weight.device == torch.device(device) and b.weight.dtype == dtype for bs in srcs for b in bs
         )
@@ -246,6 +290,7 @@ class Proj:
         # batched LoRA: A (G, in, R), B (G, R, out), per-output-column scale (G, 1, out); zeros where absent
         found = [[lora_parts(m, a) for m in p] for p, a in zip(parts, adapters)]
         self.lora = None
+        self.Wt_ext = self.b_ext = None
         if any(x is not None for f in found for x in f):
             ldt = next(x[0].dtype for f in found for x in f if x is not None)
             R = max(sum(x[0].shape[0] for x in f if x is not None) for f in found)
@@ -279,21 +324,51 @@ class Proj:
             # Shared base on the CPU with the low-rank terms in the model dtype: every member's A rides along in
             # the base's (in, out) product as G x R extra columns (each row computes all members' x·A: for the
             # embedded default 48 columns next to 576-3,072), one small matmul fewer per projection and step.
-            self.Wt_ext = self.b_ext = None
-            if self.lora_lowp and shared and copy and getattr(self, "Wt", None) is not None:
+            if self.lora_lowp and shared and copy and self.Wt is not None:
                 self.Wt_ext = torch.cat([self.Wt, self.lora[0].permute(1, 0, 2).reshape(inp, -1)], 1).contiguous()
                 self.Wt = None
                 if self.b is not None:
                     self.b_ext = torch.cat([self.b, self.b.new_zeros(G * self.lora[0].shape[2])])
+                self.a_in_base = True
+        if packed:
+            mats = list(to_pack)  # (out, in) per member
+            b_P = None if self.b is None else list(self.b.unsqueeze(0) if shared else self.b)
+            if self.lora is not None and self.lora_lowp and shared:  # A's rows join the base (as Wt_ext above)
+                R = self.lora[0].shape[2]
+                mats[0] = torch.cat([mats[0], self.lora[0].permute(0, 2, 1).reshape(G * R, inp)])
+                if b_P is not None:
+                    b_P[0] = torch.cat([b_P[0], b_P[0].new_zeros(G * R)])
+                self.a_in_base = True
+            self.P = [mkldnn_pack(m) for m in mats]
+            self.b_P = b_P
+            del to_pack, mats
 
     @property
     def forms(self) -> tuple[str, ...]:
         """The formulations this projection can run (see CPU_FORMS)."""
-        return (("copies",) if self.copy else ()) + (("w_xt", "linear") if self.refs is not None else ())
+        own = ("packed",) if self.P is not None else ("copies",) if self.copy else ()
+        return own + (("w_xt", "linear") if self.refs is not None else ())
 
     def default_form(self, x: torch.Tensor) -> str:
+        if self.P is not None:
+            return "packed"
         rows = x.shape[1] * (self.G if self.shared else 1)
         return "copies" if self.copy and not (self.many_rows_refs and rows > self.few_rows) else "linear"
+
+    def _packed(self, x: torch.Tensor) -> torch.Tensor:
+        """oneDNN's linear on the packed copies; with A in the base, the low-rank terms finish here too."""
+        G, M, inp = x.shape
+        if self.shared:
+            ye = mkldnn_linear(x.reshape(G * M, inp), self.P[0], None if self.b_P is None else self.b_P[0])
+        else:
+            return torch.stack([mkldnn_linear(x[g], P, None if self.b_P is None else self.b_P[g])
+                                for g, P in enumerate(self.P)])
+        if not self.a_in_base:
+            return ye.view(G, M, -1)
+        R = self.lora[0].shape[2]
+        out = ye.shape[1] - G * R
+        xa = ye[:, out:].reshape(G, M, G, R).diagonal(dim1=0, dim2=2).permute(2, 0, 1)  # member g's x·A_g
+        return torch.baddbmm(ye[:, :out].reshape(G, M, out), xa, self.lora[1])
 
     def _w_xt(self, x: torch.Tensor) -> torch.Tensor:
         """W·xᵀ on the models' own (out, in) weights, transposed back to (rows, out)."""
@@ -314,14 +389,18 @@ class Proj:
         """x (G, M, in) -> (G, M, sum of out); `form` (one of `forms`) overrides the default choice."""
         if form is None or form not in self.forms:
             form = self.default_form(x)
-        if self.lora is not None and self.Wt_ext is not None and form == "copies":
+        if form == "packed":
+            y = self._packed(x)
+            if self.lora is None or self.a_in_base:
+                return y
+        elif self.lora is not None and self.Wt_ext is not None and form == "copies":
             G, M, inp = x.shape
             x2 = x.reshape(G * M, inp)
             ye = torch.mm(x2, self.Wt_ext) if self.b_ext is None else torch.addmm(self.b_ext, x2, self.Wt_ext)
             out, R = ye.shape[1] - G * self.lora[0].shape[2], self.lora[0].shape[2]
             xa = ye[:, out:].reshape(G, M, G, R).diagonal(dim1=0, dim2=2).permute(2, 0, 1)  # member g's x·A_g
             return torch.baddbmm(ye[:, :out].reshape(G, M, out), xa, self.lora[1])
-        if form == "copies":
+        elif form == "copies":
             if self.shared and self.W is not None:
                 y = F.linear(x, self.W, self.b)  # all G×M rows through the one base: (G, M, out)
             elif self.shared:
@@ -366,8 +445,9 @@ class Group:
         """members: [(hf_model, adapter_name | None)]; weights: 'copy' or 'refs'; attention (decode step): 'bmm'
         (scores rounded to the model dtype before an fp32 softmax, like HF eager attention) or 'sdpa' (PyTorch's
         fused kernel: fp32 scores and softmax, like HF's default sdpa attention on CUDA); cpu_matmul: how the
-        decode step's matmuls run on the CPU — 'auto' (fp32: measured per batch size, see CPU_FORMS; else the
-        fixed rule), 'rule' (the fixed rule of CPU_FEW_ROWS), or one of CPU_FORMS wherever available."""
+        decode step's matmuls run on the CPU — 'auto' (oneDNN-packed copies where available; fp32: the form
+        measured per batch size, see CPU_FORMS), 'rule' (plain copies and the fixed rule of CPU_FEW_ROWS, as
+        before packing), or one of CPU_FORMS wherever available ('copies' also means plain copies)."""
         if attention not in ("bmm", "sdpa"):
             raise ValueError(f"attention={attention!r}: use bmm or sdpa")
         if cpu_matmul not in ("auto", "rule") + CPU_FORMS:
@@ -397,6 +477,8 @@ class Group:
         def stack_vec(get):  # (G, 1, 1, H): tiny per-member vectors are always copied
             return torch.stack([get(m).detach().to(dev, dt) for m in models]).view(G, 1, 1, -1)
 
+        # oneDNN-packed copies on the CPU unless the fixed rule / plain copies are asked for (see CPU_FORMS)
+        pack = copy and dev.type == "cpu" and cpu_matmul in ("auto", "packed") and mkldnn_packing(dt)
         self.layers = []
         for i in range(a.layers):
             Ls = [m.model.layers[i] for m in models]
@@ -412,13 +494,14 @@ class Group:
                         dev,
                         dt,
                         lora_precision,
+                        pack,
                     ),
                     "o": Proj([[L.self_attn.o_proj] for L in Ls], adapters, self.shared, copy, dev, dt,
-                              lora_precision),
+                              lora_precision, pack),
                     "gu": Proj([[L.mlp.gate_proj, L.mlp.up_proj] for L in Ls], adapters, self.shared, copy, dev,
-                               dt, lora_precision),
+                               dt, lora_precision, pack),
                     "down": Proj([[L.mlp.down_proj] for L in Ls], adapters, self.shared, copy, dev, dt,
-                                 lora_precision),
+                                 lora_precision, pack),
                 }
             )
         self.norm = stack_vec(lambda m: m.model.norm.weight)
@@ -431,10 +514,15 @@ class Group:
             # the LM head as the right operand (G', H, V): contiguous for fp32 on the CPU (see CPU_FEW_ROWS), a view
             # elsewhere (bf16 on the CPU: the (V, H) head itself, as F.linear)
             cpu32 = dev.type == "cpu" and dt == torch.float32
-            self.head_t = self.head.transpose(1, 2).contiguous() if cpu32 else self.head.transpose(1, 2)
-            if cpu32 and not a.tied:
+            self.head_P = [mkldnn_pack(h) for h in self.head] if pack else None
+            if pack:
+                self.head_t = None
+            else:
+                self.head_t = self.head.transpose(1, 2).contiguous() if cpu32 else self.head.transpose(1, 2)
+            if (cpu32 or pack) and not a.tied:
                 self.head = None
         else:
+            self.head_P = None
             for t in embs + heads:
                 if t.device != dev or t.dtype != dt:
                     raise Unsupported(
@@ -472,9 +560,15 @@ class Group:
 
     @property
     def head_forms(self) -> tuple[str, ...]:
-        return (("copies",) if self.copy else ()) + (("w_xt", "linear") if self.head_refs is not None else ())
+        own = ("packed",) if self.head_P is not None else ("copies",) if self.copy else ()
+        return own + (("w_xt", "linear") if self.head_refs is not None else ())
 
     def _head(self, h, form: str | None = None):  # h (G, B, H) -> logits (G, B, V)
+        if self.head_P is not None and form in (None, "packed", "copies"):
+            G, B, H = h.shape
+            if self.shared:
+                return mkldnn_linear(h.reshape(G * B, H), self.head_P[0], None).view(G, B, -1)
+            return torch.stack([mkldnn_linear(h[g], P, None) for g, P in enumerate(self.head_P)])
         if form in ("w_xt", "linear") and self.head_refs is not None:
             G, B, H = h.shape
             if form == "linear":
@@ -582,7 +676,8 @@ class Group:
                 Lw["qkv"](xh, form), Lw["o"](xa, form), Lw["gu"](xh, form), Lw["down"](xi, form)
 
         rows = B * (G if self.shared else 1)
-        head_default = "copies" if self.copy and not (self.head_refs is not None and rows > CPU_FEW_ROWS) else "w_xt"
+        head_default = "packed" if self.head_P is not None else (
+            "copies" if self.copy and not (self.head_refs is not None and rows > CPU_FEW_ROWS) else "w_xt")
         out = {"ms": {}}
         with torch.no_grad():
             for part, forms, default, run in (

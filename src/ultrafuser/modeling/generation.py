@@ -23,10 +23,15 @@ class PromptTooLongError(ConfigError):
     pass
 
 
+# Temperatures below this decode greedily (vLLM's _SAMPLING_EPS): logits ÷ 5e-324 overflow to inf and softmax to NaN,
+# and as the temperature goes to 0 sampling becomes the argmax anyway.
+GREEDY_BELOW = 1e-5
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     max_new_tokens: int = 128
-    temperature: float = 0.0  # 0 = greedy
+    temperature: float = 0.0  # 0 (or below GREEDY_BELOW) = greedy
     top_p: float = 1.0
     top_k: int = 0
     seed: int | None = None
@@ -38,6 +43,8 @@ class SamplingParams:
             raise ConfigError(f"max_new_tokens={self.max_new_tokens} must be at least 1")
         if self.temperature < 0:
             raise ConfigError(f"temperature={self.temperature} must be >= 0 (0 means greedy)")
+        if self.temperature < GREEDY_BELOW:
+            object.__setattr__(self, "temperature", 0.0)
         if not 0 < self.top_p <= 1:
             raise ConfigError(f"top_p={self.top_p} must be in (0, 1]")
         if self.top_k < 0:
