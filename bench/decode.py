@@ -579,7 +579,7 @@ class Bench:
         dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[a.dtype]
         so = self.out["shapes"].setdefault(shape, {})
         t = time.perf_counter()
-        models = build_models(shape, N_SPEC, dev, dtype)
+        models = build_models(shape, 1 if a.lora_only else N_SPEC, dev, dtype)
         sync(dev)
         so["build_s"] = round(time.perf_counter() - t, 1)
         self.vocab = SHAPES[shape]["vocab_size"]
@@ -587,7 +587,7 @@ class Bench:
         so["params_per_model"] = sum(p.numel() for p in models[0].parameters())
         so["bytes_per_model"] = P
         self.log(
-            f"{shape}: built {N_SPEC} models ({so['params_per_model'] / 1e6:.1f} M params each) in {so['build_s']} s"
+            f"{shape}: built {len(models)} models ({so['params_per_model'] / 1e6:.1f} M params each) in {so['build_s']} s"
         )
         batches = [b for b in a.batches]
         # the static caches hold exactly the longest prompt (varied prompts get per-specialist prefixes) + the new tokens
@@ -628,35 +628,6 @@ class Bench:
                     f"free {free / 2**30:.0f} GiB: fast weights={weights}, also refs={also_refs}, sdpa={also_sdpa}"
                 )
         so["fast_weights"] = weights
-        fused = make_fused(models)
-        single = make_fused(models[:1], gate="uniform")
-        decs = {}
-        fkw = {"cpu_matmul": a.cpu_matmul}
-        try:
-            decs["fused"] = FastFusedDecoder(fused, max_batch=mb, max_len=max_len, weights=weights, **fkw)
-            decs["single"] = FastFusedDecoder(single, max_batch=mb, max_len=max_len, weights=weights, **fkw)
-            if weights == "copy" and also_refs:
-                decs["refs"] = FastFusedDecoder(fused, max_batch=mb, max_len=max_len, weights="refs", **fkw)
-            if also_sdpa:
-                decs["sdpa"] = FastFusedDecoder(
-                    fused, max_batch=mb, max_len=max_len, weights=weights, decode_attention="sdpa", **fkw
-                )
-        except Exception as e:  # noqa: BLE001 - one failure must not lose the rest
-            msg = f"building fast decoders: {type(e).__name__}: {e}"
-            self.log("ERROR", msg)
-            traceback.print_exc()
-            self.out["errors"].append(msg)
-        so["fast_groups"] = decs["fused"].describe_groups() if "fused" in decs else None
-        if "fused" in decs:  # teacher-forced logits before anything is timed (a bf16 check needs them)
-            try:
-                checked = {"fast": decs["fused"], **({"fast-sdpa": decs["sdpa"]} if "sdpa" in decs else {})}
-                so["logits_check_dense_b1"] = self.logits_check(fused, checked, 1)
-            except Exception as e:  # noqa: BLE001 - one failure must not lose the rest
-                msg = f"logits check: {type(e).__name__}: {e}"
-                self.log("ERROR", msg)
-                traceback.print_exc()
-                self.out["errors"].append(msg)
-
         kv_token = kv_bytes(models[0], 1, 1)  # KV bytes per token and row, one model
 
         def kvb(B):
@@ -669,78 +640,109 @@ class Bench:
                 return self.lora_bytes + N_SPEC * kvb(B)
             return n * (P + kvb(B))
 
-        modes = {}
-        if "naive" in a.paths:
-            modes["naive-single"] = lambda p, s: reference_stream(single, first_only(p), s)
-            modes["naive-fused"] = lambda p, s: reference_stream(fused, p, s)
-        if "fast" in a.paths:
-            if "single" in decs:
-                modes["fast-single"] = lambda p, s: decs["single"].stream(first_only(p), s)
-            if "fused" in decs:
-                modes["fast-fused"] = lambda p, s: decs["fused"].stream(p, s)
-            if "refs" in decs:
-                modes["fast-fused-refs"] = lambda p, s: decs["refs"].stream(p, s)
-            if "sdpa" in decs:
-                modes["fast-fused-sdpa"] = lambda p, s: decs["sdpa"].stream(p, s)
-
-        def eager_fused():
-            d = FastFusedDecoder(fused, max_batch=mb, max_len=max_len, weights=weights, cuda_graphs=False, **fkw)
-            return lambda p, s: d.stream(p, s)
-
-        def eager_single():
-            d = FastFusedDecoder(single, max_batch=mb, max_len=max_len, weights=weights, cuda_graphs=False, **fkw)
-            return lambda p, s: d.stream(first_only(p), s)
-
-        fallbacks = {"fast-fused": eager_fused, "fast-single": eager_single}  # if CUDA graphs fail
-        self.phase(so, f"{shape} dense", modes, batches, dev, bytes_of, a.reps, fallbacks)
-        so["cpu_matmul"] = {k: d.cpu_matmul_choices() for k, d in decs.items()}
-        for B in batches:
-            if f"batch{B}" in so:
-                self.ratios(so[f"batch{B}"], B)
-        # larger batches, fast path only (the reference's dynamic caches would not fit next to the static ones)
-        extra = [B for B in a.extra_batches if B not in batches]
-        if extra and "fast" in a.paths and self.left() > a.reserve_s + 40:
-            decs.clear()
-            modes.clear()
-            gc.collect()
-            if dev.type == "cuda":
-                torch.cuda.empty_cache()
-            for B in extra:
-                if self.left() < a.reserve_s + 30:
-                    break
-                ml = max_len
-                if (
-                    dev.type == "cuda"
-                    and 4 * kv_bytes(models[0], B, ml + 128) + (3 << 30) > torch.cuda.mem_get_info(dev)[0]
-                ):
-                    self.log(f"skip extra batch {B}: not enough memory for the static caches")
-                    continue
+        fkw = {"cpu_matmul": a.cpu_matmul, "lora_precision": a.lora_precision}
+        if not a.lora_only:  # the dense phase (three models)
+            fused = make_fused(models)
+            single = make_fused(models[:1], gate="uniform")
+            decs = {}
+            try:
+                decs["fused"] = FastFusedDecoder(fused, max_batch=mb, max_len=max_len, weights=weights, **fkw)
+                decs["single"] = FastFusedDecoder(single, max_batch=mb, max_len=max_len, weights=weights, **fkw)
+                if weights == "copy" and also_refs:
+                    decs["refs"] = FastFusedDecoder(fused, max_batch=mb, max_len=max_len, weights="refs", **fkw)
+                if also_sdpa:
+                    decs["sdpa"] = FastFusedDecoder(
+                        fused, max_batch=mb, max_len=max_len, weights=weights, decode_attention="sdpa", **fkw
+                    )
+            except Exception as e:  # noqa: BLE001 - one failure must not lose the rest
+                msg = f"building fast decoders: {type(e).__name__}: {e}"
+                self.log("ERROR", msg)
+                traceback.print_exc()
+                self.out["errors"].append(msg)
+            so["fast_groups"] = decs["fused"].describe_groups() if "fused" in decs else None
+            if "fused" in decs:  # teacher-forced logits before anything is timed (a bf16 check needs them)
                 try:
-                    xd = {
-                        "fused": FastFusedDecoder(fused, max_batch=B, max_len=ml, weights="refs", **fkw),
-                        "single": FastFusedDecoder(single, max_batch=B, max_len=ml, weights="refs", **fkw),
-                    }
-                    xm = {
-                        "fast-single": lambda p, s, xd=xd: xd["single"].stream(first_only(p), s),
-                        "fast-fused": lambda p, s, xd=xd: xd["fused"].stream(p, s),
-                    }
-                    self.phase(so, f"{shape} dense (fast only, weights=refs)", xm, [B], dev, bytes_of, a.reps)
-                    self.ratios(so[f"batch{B}"], B)
-                    so[f"batch{B}"]["note"] = "fast path only, weights='refs'"
+                    checked = {"fast": decs["fused"], **({"fast-sdpa": decs["sdpa"]} if "sdpa" in decs else {})}
+                    so["logits_check_dense_b1"] = self.logits_check(fused, checked, 1)
                 except Exception as e:  # noqa: BLE001 - one failure must not lose the rest
-                    msg = f"{shape} extra batch {B}: {type(e).__name__}: {e}"
+                    msg = f"logits check: {type(e).__name__}: {e}"
                     self.log("ERROR", msg)
                     traceback.print_exc()
                     self.out["errors"].append(msg)
-                xd = xm = None
+
+            modes = {}
+            if "naive" in a.paths:
+                modes["naive-single"] = lambda p, s: reference_stream(single, first_only(p), s)
+                modes["naive-fused"] = lambda p, s: reference_stream(fused, p, s)
+            if "fast" in a.paths:
+                if "single" in decs:
+                    modes["fast-single"] = lambda p, s: decs["single"].stream(first_only(p), s)
+                if "fused" in decs:
+                    modes["fast-fused"] = lambda p, s: decs["fused"].stream(p, s)
+                if "refs" in decs:
+                    modes["fast-fused-refs"] = lambda p, s: decs["refs"].stream(p, s)
+                if "sdpa" in decs:
+                    modes["fast-fused-sdpa"] = lambda p, s: decs["sdpa"].stream(p, s)
+
+            def eager_fused():
+                d = FastFusedDecoder(fused, max_batch=mb, max_len=max_len, weights=weights, cuda_graphs=False, **fkw)
+                return lambda p, s: d.stream(p, s)
+
+            def eager_single():
+                d = FastFusedDecoder(single, max_batch=mb, max_len=max_len, weights=weights, cuda_graphs=False, **fkw)
+                return lambda p, s: d.stream(first_only(p), s)
+
+            fallbacks = {"fast-fused": eager_fused, "fast-single": eager_single}  # if CUDA graphs fail
+            self.phase(so, f"{shape} dense", modes, batches, dev, bytes_of, a.reps, fallbacks)
+            so["cpu_matmul"] = {k: d.cpu_matmul_choices() for k, d in decs.items()}
+            for B in batches:
+                if f"batch{B}" in so:
+                    self.ratios(so[f"batch{B}"], B)
+            # larger batches, fast path only (the reference's dynamic caches would not fit next to the static ones)
+            extra = [B for B in a.extra_batches if B not in batches]
+            if extra and "fast" in a.paths and self.left() > a.reserve_s + 40:
+                decs.clear()
+                modes.clear()
                 gc.collect()
                 if dev.type == "cuda":
                     torch.cuda.empty_cache()
-        self.save()
+                for B in extra:
+                    if self.left() < a.reserve_s + 30:
+                        break
+                    ml = max_len
+                    if (
+                        dev.type == "cuda"
+                        and 4 * kv_bytes(models[0], B, ml + 128) + (3 << 30) > torch.cuda.mem_get_info(dev)[0]
+                    ):
+                        self.log(f"skip extra batch {B}: not enough memory for the static caches")
+                        continue
+                    try:
+                        xd = {
+                            "fused": FastFusedDecoder(fused, max_batch=B, max_len=ml, weights="refs", **fkw),
+                            "single": FastFusedDecoder(single, max_batch=B, max_len=ml, weights="refs", **fkw),
+                        }
+                        xm = {
+                            "fast-single": lambda p, s, xd=xd: xd["single"].stream(first_only(p), s),
+                            "fast-fused": lambda p, s, xd=xd: xd["fused"].stream(p, s),
+                        }
+                        self.phase(so, f"{shape} dense (fast only, weights=refs)", xm, [B], dev, bytes_of, a.reps)
+                        self.ratios(so[f"batch{B}"], B)
+                        so[f"batch{B}"]["note"] = "fast path only, weights='refs'"
+                    except Exception as e:  # noqa: BLE001 - one failure must not lose the rest
+                        msg = f"{shape} extra batch {B}: {type(e).__name__}: {e}"
+                        self.log("ERROR", msg)
+                        traceback.print_exc()
+                        self.out["errors"].append(msg)
+                    xd = xm = None
+                    gc.collect()
+                    if dev.type == "cuda":
+                        torch.cuda.empty_cache()
+            self.save()
 
         # ---- LoRA-shared phase: base = model 0 + two adapters; the other two models are freed first
         if a.lora_rank and self.left() > a.reserve_s + 10:
-            del modes, fused, decs
+            if not a.lora_only:
+                del modes, fused, decs
             single_dec = None
             models = models[:1]
             gc.collect()
@@ -754,10 +756,20 @@ class Bench:
                     "targets": "q,k,v,o,gate,up,down",
                     "adapter_bytes": self.lora_bytes - P,
                 }
+                lweights = weights
+                if a.weights == "auto" and dev.type == "cuda" and weights == "refs":
+                    # one base now: both decoders' copies (fused q|k|v, gate|up; each member's LoRA A in the
+                    # base's rows) usually fit where three models' did not; single and LoRA-shared alike
+                    free = torch.cuda.mem_get_info(dev)[0]
+                    kv = kv_bytes(models[0], mb, math.ceil(max_len / 128) * 128)
+                    need = 2 * P * 1.05 + 3 * kv_bytes(models[0], mb, max_len) + 4 * kv + (6 << 30)
+                    lweights = "copy" if need < free else "refs"
+                    self.log(f"lora phase: free {free / 2**30:.0f} GiB: fast weights={lweights}")
+                so["lora"]["fast_weights"] = lweights
                 lfused = make_fused([base] * N_SPEC, adapters=[None, "code", "math"])
                 lsingle = make_fused([base], adapters=[None], gate="uniform")
-                ldec = FastFusedDecoder(lfused, max_batch=mb, max_len=max_len, weights=weights, **fkw)
-                single_dec = FastFusedDecoder(lsingle, max_batch=mb, max_len=max_len, weights=weights, **fkw)
+                ldec = FastFusedDecoder(lfused, max_batch=mb, max_len=max_len, weights=lweights, **fkw)
+                single_dec = FastFusedDecoder(lsingle, max_batch=mb, max_len=max_len, weights=lweights, **fkw)
                 so["lora"]["fast_groups"] = ldec.describe_groups()
                 lmodes = {}
                 if "naive" in a.paths:
@@ -867,6 +879,11 @@ def main(argv=None):
         "--also-sdpa", action="store_true", help="also time fast-fused with decode_attention='sdpa'"
     )
     ap.add_argument("--lora-rank", type=int, default=16, help="0 skips the LoRA-shared phase")
+    ap.add_argument("--lora-precision", default="auto", choices=["auto", "adapter", "model"],
+                    help="FastFusedDecoder(lora_precision=...): 'model' runs the low-rank terms in the model dtype "
+                         "(each member's A in the base's GEMM) even in fp32")
+    ap.add_argument("--lora-only", action="store_true",
+                    help="build one model and run only the LoRA-shared phase (single vs LoRA-shared)")
     ap.add_argument(
         "--threads", type=int, default=None, help="CPU threads (default: 1 for tiny, else torch's)"
     )

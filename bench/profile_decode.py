@@ -31,7 +31,9 @@ def build(args, dev, dtype):
     models = build_models(args.shape, n, dev, dtype)
     if args.mode.startswith("lora"):
         base = add_lora(models[0], args.rank, std=SHAPES[args.shape]["std"])
-        fused = make_fused([base] * 3, adapters=[None, "code", "math"])
+        # lora-nolora: the same three rows per prompt through the shared base, no member with an adapter
+        adapters = [None, None, None] if args.mode == "lora-nolora" else [None, "code", "math"]
+        fused = make_fused([base] * 3, adapters=adapters)
     elif args.mode == "dense":
         fused = make_fused(models)
     else:
@@ -39,15 +41,8 @@ def build(args, dev, dtype):
     max_len = args.prompt_len + args.steps * 3 + 8
 
     def decoder(graphs, lora_precision=None):
-        dec = FastFusedDecoder(fused, max_batch=args.batch, max_len=max_len, cuda_graphs=graphs,
-                               lora_precision=lora_precision or args.lora_precision)
-        if args.mode == "lora-nolora":
-            for g in dec.groups:
-                for L in g.layers:
-                    for p in L.values():
-                        if hasattr(p, "lora"):
-                            p.lora = None
-        return dec
+        return FastFusedDecoder(fused, max_batch=args.batch, max_len=max_len, cuda_graphs=graphs,
+                                lora_precision=lora_precision or args.lora_precision)
 
     prompts = make_prompts(len(fused.specialists), args.batch, args.prompt_len, SHAPES[args.shape]["vocab_size"], 0)
     if args.mode == "single":

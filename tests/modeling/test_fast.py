@@ -391,6 +391,31 @@ def test_benchmark_script_cpu_tiny(tmp_path):
     assert s["logits_check_dense_b1"]["argmax_agree"] == 1.0
 
 
+def test_benchmark_script_lora_only_with_model_dtype_terms(tmp_path):
+    """`--lora-only` builds one model and times only the LoRA-shared phase; with `--lora-precision model` the fp32
+    tiny run takes the A-in-the-base path and its greedy tokens still equal the reference's."""
+    spec = importlib.util.spec_from_file_location(
+        "bench_decode", Path(__file__).parents[2] / "bench" / "decode.py"
+    )
+    bench = importlib.util.module_from_spec(spec)
+    sys.modules["bench_decode"] = bench
+    spec.loader.exec_module(bench)
+    out = tmp_path / "decode.json"
+    n = torch.get_num_threads()
+    try:
+        bench.main(["--shape", "tiny", "--device", "cpu", "--json", str(out), "--steps", "16", "--batches", "2",
+                    "--prompt-len", "12", "--lora-rank", "4", "--lora-only", "--lora-precision", "model"])
+    finally:
+        torch.set_num_threads(n)
+    d = json.loads(out.read_text())
+    assert d["tokens_match"] is True and d["errors"] == []
+    s = d["shapes"]["tiny"]
+    assert "batch2" not in s and "fast_groups" not in s  # no dense phase
+    lb = s["lora_phase"]["batch2"]
+    assert lb["token_checks"]["fast-lora==naive-lora"]["exact"]
+    assert lb["fast-lora"]["ms_step"] > 0 and "lora_shared_vs_one_model" in lb["ratios"]
+
+
 def test_lora_terms_in_the_model_dtype_give_the_same_tokens(lora):
     """lora_precision="model" (the CUDA bf16 default: scale folded into B, one baddbmm) is the same math; in fp32
     on the CPU its greedy tokens equal the reference's."""
@@ -411,6 +436,20 @@ def test_lora_terms_in_the_model_dtype_give_the_same_tokens(lora):
         assert ids(dec.generate(prompts[:1], GREEDY)) == want[:1]
     with pytest.raises(ValueError, match="lora_precision"):
         FastFusedDecoder(model, max_batch=4, max_len=256, lora_precision="fp8")
+
+
+def test_lora_a_in_the_base_with_the_cuda_layout(lora, monkeypatch):
+    """CUDA's layout (nn.Linear's (out, in) copy) with the low-rank terms in the model dtype: each member's A rows
+    join the base's rows (one GEMM) and (x·A)·B is added in place into the base's output columns. Built here on the
+    CPU (the layout is chosen by `fast_llama.in_out_copies`); in fp32 its greedy tokens equal the reference's."""
+    model, prompts, want = lora
+    monkeypatch.setattr(fast_llama, "in_out_copies", lambda device: False)
+    dec = FastFusedDecoder(model, max_batch=4, max_len=256, lora_precision="model", cpu_matmul="rule")
+    projs = [p for g in dec.groups for L in g.layers for p in L.values() if getattr(p, "lora", None)]
+    assert projs and all(p.W_ext is not None and p.a_in_base and p.W is None and p.Wt_ext is None for p in projs)
+    assert all(p.W_ext.shape[0] == sum(p.outs) + p.lora[0].shape[0] * p.lora[0].shape[2] for p in projs)
+    assert ids(dec.generate(prompts, GREEDY)) == want
+    assert ids(dec.generate(prompts[:1], GREEDY)) == want[:1]
 
 
 def test_onehot_baselines_through_the_fast_path(lora):

@@ -102,6 +102,12 @@ def w_xt(w: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
     return torch.mm(w, x2.t())
 
 
+def in_out_copies(device) -> bool:
+    """Whether a group's weight copies take the CPU layouts (packed or (in, out)) rather than nn.Linear's (out, in)
+    (CUDA's). A function so that a CPU test can build the CUDA layout."""
+    return torch.device(device).type == "cpu"
+
+
 def cpu_few_rows(dtype: torch.dtype) -> float:
     """Up to how many rows a CPU matmul in `dtype` uses the (in, out) copies (see CPU_FEW_ROWS)."""
     return CPU_FEW_ROWS if dtype == torch.float32 else math.inf
@@ -247,7 +253,7 @@ class Proj:
         out, inp = sum(self.outs), bases[0][0].in_features
         srcs = bases[:1] if shared else bases
         has_bias = any(b.bias is not None for bs in srcs for b in bs)
-        cpu = torch.device(device).type == "cpu"
+        cpu = in_out_copies(device)
         packed = pack and copy and cpu and mkldnn_packing(dtype)
         self.P = self.b_P = None  # oneDNN-packed (out[+G·R], in) copies, one per member (shared: one)
         self.a_in_base = False  # each member's LoRA A rides in the base's product
@@ -290,7 +296,7 @@ class Proj:
         # batched LoRA: A (G, in, R), B (G, R, out), per-output-column scale (G, 1, out); zeros where absent
         found = [[lora_parts(m, a) for m in p] for p, a in zip(parts, adapters)]
         self.lora = None
-        self.Wt_ext = self.b_ext = None
+        self.Wt_ext = self.W_ext = self.b_ext = None
         if any(x is not None for f in found for x in f):
             ldt = next(x[0].dtype for f in found for x in f if x is not None)
             R = max(sum(x[0].shape[0] for x in f if x is not None) for f in found)
@@ -324,9 +330,16 @@ class Proj:
             # Shared base on the CPU with the low-rank terms in the model dtype: every member's A rides along in
             # the base's (in, out) product as G x R extra columns (each row computes all members' x·A: for the
             # embedded default 48 columns next to 576-3,072), one small matmul fewer per projection and step.
-            if self.lora_lowp and shared and copy and self.Wt is not None:
-                self.Wt_ext = torch.cat([self.Wt, self.lora[0].permute(1, 0, 2).reshape(inp, -1)], 1).contiguous()
-                self.Wt = None
+            # On CUDA the same with the (out, in) copy: A's G x R rows join the base's rows, so the thin x·A GEMMs
+            # (K = hidden, N = rank: a handful of CTAs looping over K, ~10 us each, four per layer — measured on an
+            # H200 with bench/gpu_profile.sh) ride in the base's GEMM, which has the parallelism to hide them.
+            if self.lora_lowp and shared and copy and (self.Wt is not None or self.W is not None):
+                if self.Wt is not None:
+                    self.Wt_ext = torch.cat([self.Wt, self.lora[0].permute(1, 0, 2).reshape(inp, -1)], 1).contiguous()
+                    self.Wt = None
+                else:
+                    self.W_ext = torch.cat([self.W, self.lora[0].permute(0, 2, 1).reshape(-1, inp)]).contiguous()
+                    self.W = None
                 if self.b is not None:
                     self.b_ext = torch.cat([self.b, self.b.new_zeros(G * self.lora[0].shape[2])])
                 self.a_in_base = True
@@ -365,10 +378,17 @@ class Proj:
                                 for g, P in enumerate(self.P)])
         if not self.a_in_base:
             return ye.view(G, M, -1)
+        return self._finish_lora(ye, G, M)
+
+    def _finish_lora(self, ye: torch.Tensor, G: int, M: int) -> torch.Tensor:
+        """ye (G·M, out + G·R): the base's product with every member's x·A as extra columns -> (G, M, out).
+
+        Row block g keeps its own member's R columns of x·A (a strided view, no copy) and adds (x·A_g)·B_g in place
+        into the base's columns: one batched GEMM with beta = 1, no copy of the output."""
         R = self.lora[0].shape[2]
         out = ye.shape[1] - G * R
-        xa = ye[:, out:].reshape(G, M, G, R).diagonal(dim1=0, dim2=2).permute(2, 0, 1)  # member g's x·A_g
-        return torch.baddbmm(ye[:, :out].reshape(G, M, out), xa, self.lora[1])
+        xa = ye[:, out:].view(G, M, G, R).diagonal(dim1=0, dim2=2).permute(2, 0, 1)  # member g's x·A_g
+        return ye[:, :out].view(G, M, out).baddbmm_(xa, self.lora[1])
 
     def _w_xt(self, x: torch.Tensor) -> torch.Tensor:
         """W·xᵀ on the models' own (out, in) weights, transposed back to (rows, out)."""
@@ -393,13 +413,14 @@ class Proj:
             y = self._packed(x)
             if self.lora is None or self.a_in_base:
                 return y
-        elif self.lora is not None and self.Wt_ext is not None and form == "copies":
+        elif self.lora is not None and (self.Wt_ext is not None or self.W_ext is not None) and form == "copies":
             G, M, inp = x.shape
             x2 = x.reshape(G * M, inp)
-            ye = torch.mm(x2, self.Wt_ext) if self.b_ext is None else torch.addmm(self.b_ext, x2, self.Wt_ext)
-            out, R = ye.shape[1] - G * self.lora[0].shape[2], self.lora[0].shape[2]
-            xa = ye[:, out:].reshape(G, M, G, R).diagonal(dim1=0, dim2=2).permute(2, 0, 1)  # member g's x·A_g
-            return torch.baddbmm(ye[:, :out].reshape(G, M, out), xa, self.lora[1])
+            if self.W_ext is not None:
+                ye = F.linear(x2, self.W_ext, self.b_ext)
+            else:
+                ye = torch.mm(x2, self.Wt_ext) if self.b_ext is None else torch.addmm(self.b_ext, x2, self.Wt_ext)
+            return self._finish_lora(ye, G, M)
         elif form == "copies":
             if self.shared and self.W is not None:
                 y = F.linear(x, self.W, self.b)  # all G×M rows through the one base: (G, M, out)

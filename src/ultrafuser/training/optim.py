@@ -25,8 +25,12 @@ def build_optimizer(named: list[tuple[str, torch.nn.Parameter]], cfg: StageConfi
     no_decay = [p for n, p in named if p.dim() < 2]
     groups = [g for g in ({"params": decay, "weight_decay": cfg.weight_decay},
                           {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
-    # foreach=False: one kernel per tensor, the same arithmetic whatever the parameter count.
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), foreach=False)
+    # CUDA: PyTorch's fused AdamW (one kernel over weights, gradients and moments; Hugging Face Trainer's default
+    # `adamw_torch_fused`). Elsewhere foreach=False: one kernel per tensor, the same arithmetic whatever the
+    # parameter count (the exact-resume tests run on the CPU).
+    fused = bool(named) and all(p.is_cuda for _, p in named)
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), **({"fused": True} if fused else
+                                                                          {"foreach": False}))
 
 
 def build_schedule(optimizer: torch.optim.Optimizer, cfg: StageConfig):
