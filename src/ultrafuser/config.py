@@ -170,6 +170,11 @@ class StageConfig(_Frozen):
     cache_hidden_states: bool = False  # stage 1 only: frozen specialists' outputs computed once and reused
     cache_max_gb: float = Field(8.0, gt=0)  # refuse a stage-1 cache estimated larger than this (per process)
     gradient_checkpointing: bool = False
+    # fp32 master weights for trainable bf16 / fp16 parameters (one process or DDP): they train in fp32 (AdamW
+    # state too) while autocast computes in bf16, and go back to their own dtype when the run exports. false:
+    # train them in their own dtype (8 bytes per parameter less; updates under 2^-8 of a weight round away).
+    # FSDP / DeepSpeed runs follow their engine's mixed-precision setting instead.
+    master_weights: bool = True
 
     @model_validator(mode="after")
     def _check(self) -> StageConfig:

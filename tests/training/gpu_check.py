@@ -5,7 +5,10 @@
 1. one GPU, precision auto (bf16 where supported), stage 1 + stage 2 (LoRA): runs, loss finite, final dir loads;
 2. one GPU, fp32: SIGKILL inside gradient accumulation, resume, compare every per-step loss with an uninterrupted
    run (reported, not asserted: CUDA kernels may use atomics);
-3. FSDP (configs/accelerate/fsdp.yaml) with one process: stage 1 run, then stage 2 (full) from its output.
+3. FSDP (configs/accelerate/fsdp.yaml) with one process: stage 1 run, then stage 2 (full) from its output;
+4. one GPU, bf16 specialists, stage 2 full with fp32 master weights (the default): checkpoint weights fp32, the
+   export bf16 and equal to them rounded; killed and resumed, the final checkpoint compared with an uninterrupted
+   run (reported).
 Prints and writes OUT_DIR/gpu_check.json.
 """
 
@@ -86,7 +89,36 @@ def main(out: Path, only_fsdp: bool = False) -> None:
     a, b = metrics(out / "ref"), metrics(out / "killed")
     res["resume_losses"] = [(x["loss"], y["loss"]) for x, y in zip(a, b)]
     res["resume_bit_identical"] = [x["loss"] for x in a] == [y["loss"] for y in b]
+    master(out, res, cfg, cli, paths)
     fsdp(out, res, cfg, py)
+
+
+def master(out, res, cfg, cli, paths):
+    # 4. bf16 specialists, stage 2 full, fp32 master weights
+    import torch
+    from safetensors.torch import load_file
+
+    res["fuse_bf16"] = sh(cli + ["fuse", "--out", str(out / "fused16"), "--dtype", "bfloat16"]
+                          + [f"--specialist={d}={p}" for d, p in paths.items()])
+    over = {"model": str(out / "fused16"), "precision": "auto", "stage1.steps": 0, "stage2.steps": 3,
+            "stage2.trainable": "full", "stage2.lr": 1e-5}
+    res["master"] = sh(cli + ["train", cfg("master", **over)])
+    c = cfg("master_killed", **over)
+    res["master_kill"] = sh(cli + ["train", c], env={"ULTRAFUSER_FAULT": "accum@2=kill"})
+    res["master_resume"] = sh(cli + ["train", c, "--resume"])
+    try:
+        ck = load_file(str(out / "master" / "checkpoints" / "step-00000003" / "model.safetensors"))
+        k = next(x for x in ck if x.startswith("models.0.") and x.endswith("up_proj.weight"))
+        ex = load_file(str(next((out / "master" / "final" / "specialists" / "text").glob("*.safetensors"))))
+        kk = k.removeprefix("models.0.")
+        res["master_checkpoint_dtype"] = str(ck[k].dtype)
+        res["master_export_dtype"] = str(ex[kk].dtype)
+        res["master_export_is_rounded_master"] = bool(torch.equal(ex[kk], ck[k].to(torch.bfloat16)))
+        ck2 = load_file(str(out / "master_killed" / "checkpoints" / "step-00000003" / "model.safetensors"))
+        res["master_resume_max_abs_diff"] = max(float((ck[x].float() - ck2[x].float()).abs().max()) for x in ck)
+        res["master_losses"] = [m["loss"] for m in metrics(out / "master")]
+    except Exception as e:  # noqa: BLE001 - reported, not raised
+        res["master_error"] = f"{type(e).__name__}: {e}"
 
 
 def fsdp(out, res, cfg, py):

@@ -54,7 +54,7 @@ from ultrafuser.training.export import _abs_ref, export_fused
 from ultrafuser.training.faults import StopFlag, fault
 from ultrafuser.training.metrics import Metrics
 from ultrafuser.training.optim import autocast, build_optimizer, build_schedule, resolve_precision
-from ultrafuser.training.stages import describe_stage, prepare_stage
+from ultrafuser.training.stages import describe_stage, prepare_stage, restore_dtypes, upcast_master_weights
 
 log = logging.getLogger("ultrafuser.training")
 
@@ -285,13 +285,19 @@ def train_stage(cfg, k: int, scfg: StageConfig, model, data, sampler, state: Run
     amp = lambda: autocast(precision, model.specialists[0].device)
     named = prepare_stage(model, k, scfg, cfg.seed)
     metrics.say(describe_stage(k, scfg, model))
+    sharded = is_sharded(acc)
+    upcast = upcast_master_weights(named) if (k == 2 and scfg.master_weights and not sharded) else {}
+    if upcast:
+        dts = sorted({str(d).removeprefix("torch.") for d in upcast.values()})
+        metrics.say(f"stage 2: fp32 master weights for {len(upcast)} {'/'.join(dts)} parameter tensors (autocast "
+                    f"computes in {precision}; they return to {'/'.join(dts)} on export; stage2.master_weights=false "
+                    "trains them in their own dtype)")
     if start is not None:
         load_weights(start, named)  # before wrapping: DDP broadcasts them, FSDP / ZeRO-3 shard them
     cache = None
     if k == 1 and scfg.cache_hidden_states:
         cache = make_cache(model, data, sampler, scfg, state, rank, world, amp, metrics)
     step_module = TrainStep(model, k, amp, cache)
-    sharded = is_sharded(acc)
     if sharded:
         check_sharded(acc, scfg, len(data.domains))
     wrapped, optimizer = wrap(acc, step_module, build_optimizer(named, scfg))
@@ -375,6 +381,7 @@ def train_stage(cfg, k: int, scfg: StageConfig, model, data, sampler, state: Run
         save(cfg, state, sampler, named, optimizer, scheduler, names, fp, acc, wrapped)
     if cache is not None:
         metrics.say(f"stage 1 cache: {len(cache.store)} examples computed once, {cache.hits} reuses")
+    restore_dtypes(model, upcast)  # the exported specialists keep their own dtype
     extra = {"training": {"output_dir": cfg.output_dir, "steps": state.step, "stage": k}}
     if sharded:
         export_gathered(cfg, acc, wrapped, k, base_dir, extra)

@@ -101,6 +101,25 @@ def prepare_stage(model, stage: int, cfg: StageConfig, seed: int) -> list[tuple[
     return [(n, p) for n, p in model.named_parameters() if n in want]
 
 
+def upcast_master_weights(named: list[tuple[str, torch.nn.Parameter]]) -> dict[str, torch.dtype]:
+    """Make trainable bf16 / fp16 parameters fp32 in place (the master weights; AdamW's moments follow them) and
+    return {name: original dtype}. The same mixed precision as Hugging Face Trainer on an fp32-loaded model with
+    bf16=True: autocast runs the matmuls in bf16, the weights accumulate updates in fp32."""
+    upcast = {}
+    for n, p in named:
+        if p.dtype in (torch.bfloat16, torch.float16):
+            upcast[n] = p.dtype
+            p.data = p.data.float()
+    return upcast
+
+
+def restore_dtypes(model, upcast: dict[str, torch.dtype]) -> None:
+    """Return upcast master weights to their specialists' dtype (before an export)."""
+    params = dict(model.named_parameters())
+    for n, dt in upcast.items():
+        params[n].data = params[n].data.to(dt)
+
+
 def count_parameters(model) -> tuple[int, int]:
     total = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
