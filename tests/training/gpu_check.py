@@ -5,7 +5,8 @@
 1. one GPU, precision auto (bf16 where supported), stage 1 + stage 2 (LoRA): runs, loss finite, final dir loads;
 2. one GPU, fp32: SIGKILL inside gradient accumulation, resume, compare every per-step loss with an uninterrupted
    run (reported, not asserted: CUDA kernels may use atomics);
-3. FSDP (configs/accelerate/fsdp.yaml) with one process: stage 1 run, then stage 2 (full) from its output;
+3. FSDP (configs/accelerate/fsdp.yaml) with one process, bf16 specialists: stage 1 run, then stage 2 (full) from
+   its output (checkpoint and export dtypes reported: fp32 master weights under the config's bf16 mixed precision);
 4. one GPU, bf16 specialists, stage 2 full with fp32 master weights (the default): checkpoint weights fp32, the
    export bf16 and equal to them rounded; killed and resumed, the final checkpoint compared with an uninterrupted
    run (reported).
@@ -76,7 +77,7 @@ def main(out: Path, only_fsdp: bool = False) -> None:
         return str(p)
 
     if only_fsdp:
-        return fsdp(out, res, cfg, py)
+        return fsdp(out, res, cfg, py, cli, paths)
     # 1. auto precision on one GPU
     res["auto"] = sh(cli + ["train", cfg("auto", precision="auto")])
     res["auto_loss"] = [m["loss"] for m in metrics(out / "auto")]
@@ -90,7 +91,13 @@ def main(out: Path, only_fsdp: bool = False) -> None:
     res["resume_losses"] = [(x["loss"], y["loss"]) for x, y in zip(a, b)]
     res["resume_bit_identical"] = [x["loss"] for x in a] == [y["loss"] for y in b]
     master(out, res, cfg, cli, paths)
-    fsdp(out, res, cfg, py)
+    fsdp(out, res, cfg, py, cli, paths)
+
+
+def fuse16(out, res, cli, paths):
+    if not (out / "fused16").is_dir():
+        res["fuse_bf16"] = sh(cli + ["fuse", "--out", str(out / "fused16"), "--dtype", "bfloat16"]
+                              + [f"--specialist={d}={p}" for d, p in paths.items()])
 
 
 def master(out, res, cfg, cli, paths):
@@ -98,8 +105,7 @@ def master(out, res, cfg, cli, paths):
     import torch
     from safetensors.torch import load_file
 
-    res["fuse_bf16"] = sh(cli + ["fuse", "--out", str(out / "fused16"), "--dtype", "bfloat16"]
-                          + [f"--specialist={d}={p}" for d, p in paths.items()])
+    fuse16(out, res, cli, paths)
     over = {"model": str(out / "fused16"), "precision": "auto", "stage1.steps": 0, "stage2.steps": 3,
             "stage2.trainable": "full", "stage2.lr": 1e-5}
     res["master"] = sh(cli + ["train", cfg("master", **over)])
@@ -121,15 +127,28 @@ def master(out, res, cfg, cli, paths):
         res["master_error"] = f"{type(e).__name__}: {e}"
 
 
-def fsdp(out, res, cfg, py):
-    # 3. FSDP, one process: stage 1, then stage 2 (full) from its output
+def fsdp(out, res, cfg, py, cli, paths):
+    # 3. FSDP, one process, bf16 specialists: stage 1, then stage 2 (full) from its output; the shipped config's
+    # mixed precision (bf16) keeps fp32 sharded weights: the checkpoint's specialist weights are fp32, the export bf16
+    from safetensors.torch import load_file
+
+    fuse16(out, res, cli, paths)
     acc = [py, "-m", "accelerate.commands.launch", "--config_file", str(ROOT / "configs/accelerate/fsdp.yaml"),
            "--num_processes", "1", "-m", "ultrafuser.cli", "train"]
-    res["fsdp_stage1"] = sh(acc + [cfg("fsdp1", precision="auto", **{"stage2.steps": 0})])
+    s1 = {"model": str(out / "fused16"), "precision": "auto", "stage2.steps": 0}
+    res["fsdp_stage1"] = sh(acc + [cfg("fsdp1", **s1)])
     res["fsdp_stage2"] = sh(acc + [cfg("fsdp2", precision="auto", model=str(out / "fsdp1" / "stage1"),
                                        **{"stage1.steps": 0, "stage2.trainable": "full"})])
     res["fsdp_losses"] = [m["loss"] for m in metrics(out / "fsdp1")] + [m["loss"] for m in metrics(out / "fsdp2")]
-    res["fsdp_resume"] = sh(acc + [cfg("fsdp1", precision="auto", **{"stage2.steps": 0}), "--resume"])
+    res["fsdp_resume"] = sh(acc + [cfg("fsdp1", **s1), "--resume"])
+    try:
+        ck = load_file(str(sorted((out / "fsdp2" / "checkpoints").glob("step-*"))[-1] / "model.safetensors"))
+        k = next(x for x in ck if x.startswith("models.0.") and x.endswith("up_proj.weight"))
+        ex = load_file(str(next((out / "fsdp2" / "final" / "specialists" / "text").glob("*.safetensors"))))
+        res["fsdp_checkpoint_dtype"] = str(ck[k].dtype)
+        res["fsdp_export_dtype"] = str(ex[k.removeprefix("models.0.")].dtype)
+    except Exception as e:  # noqa: BLE001 - reported, not raised
+        res["fsdp_dtype_error"] = f"{type(e).__name__}: {e}"
     print(json.dumps(res, indent=1))
     (out / "gpu_check.json").write_text(json.dumps(res, indent=1))
 
