@@ -14,26 +14,17 @@
 # installed into /tmp/site when it is missing — carry .whl/ (git-ignored) with the working tree.
 set -u
 cd "$(dirname "$0")/.."
+. bench/gpu_env.sh
 OUT="${OUT:-bench_out}"
 mkdir -p "$OUT"
-export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
-export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_VERBOSITY=error TOKENIZERS_PARALLELISM=false
 export PYTORCH_CUDA_ALLOC_CONF="${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}"
-PY=${PYTHON:-python3}
 TOTAL_S="${TOTAL_S:-450}"  # wall-clock budget for everything below
 START=$(date +%s)
 left() { echo $(( TOTAL_S - ($(date +%s) - START) )); }
 LOG="$OUT/gpu_decode.log"
 
 {
-  if ! $PY -c "import pydantic" 2>/dev/null; then
-    if ls .whl/pydantic-*.whl >/dev/null 2>&1; then
-      $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl \
-        && export PYTHONPATH="$PYTHONPATH:/tmp/site" && echo "pydantic installed from .whl/ into /tmp/site"
-    else
-      echo "WARNING: pydantic is missing and .whl/ holds no wheels for it: ultrafuser cannot be imported"
-    fi
-  fi
+  ensure_pydantic
   echo "== env $(date -u +%FT%TZ)"
   nvidia-smi --query-gpu=name,memory.total,memory.used,driver_version --format=csv 2>&1 | head -3
   $PY - <<'PY'

@@ -14,25 +14,16 @@
 # Every part writes its JSON as soon as it exists; one failing does not stop the others.
 set -u
 cd "$(dirname "$0")/.."
+. bench/gpu_env.sh
 OUT="${OUT:-bench_out}"
 mkdir -p "$OUT"
-export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
-export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_VERBOSITY=error TOKENIZERS_PARALLELISM=false
-export PYTHONUNBUFFERED=1 PYTORCH_CUDA_ALLOC_CONF="${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}"
-PY=${PYTHON:-python3}
+export PYTORCH_CUDA_ALLOC_CONF="${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}"
 TOTAL_S="${TOTAL_S:-420}"
 START=$(date +%s)
 left() { echo $(( TOTAL_S - ($(date +%s) - START) )); }
 
 {
-  if ! $PY -c "import pydantic" 2>/dev/null; then
-    if ls .whl/pydantic-*.whl >/dev/null 2>&1; then
-      $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl \
-        && export PYTHONPATH="$PYTHONPATH:/tmp/site" && echo "pydantic installed from .whl/ into /tmp/site"
-    else
-      echo "WARNING: pydantic is missing and .whl/ holds no wheels for it: ultrafuser cannot be imported"
-    fi
-  fi
+  ensure_pydantic
   echo "== env $(date -u +%FT%TZ)"
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 | head -3
   $PY -c "import torch, transformers, peft; print('torch', torch.__version__, '| transformers', transformers.__version__, '| peft', peft.__version__, '|', torch.cuda.get_device_name())"

@@ -6,14 +6,10 @@
 #     OUT=/some/dir bash bench/gpu_profile.sh
 set -u
 cd "$(dirname "$0")/.."
+. bench/gpu_env.sh
 OUT=${OUT:-out/gpu_profile}
 mkdir -p "$OUT"
-export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_VERBOSITY=error
-PY=${PYTHON:-python3}
-if ! $PY -c "import pydantic" 2>/dev/null && ls .whl/pydantic-*.whl >/dev/null 2>&1; then
-  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl
-  export PYTHONPATH="$PYTHONPATH:/tmp/site"
-fi
+ensure_pydantic
 {
   nvidia-smi --query-gpu=name,memory.total --format=csv
   for spec in "lora 16 auto --check" "lora 1 auto --check" "lora 16 adapter" "single 16 auto" "single 48 auto"; do

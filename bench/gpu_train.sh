@@ -14,21 +14,12 @@
 # docs/benchmarks.md says how to fetch them).
 set -u
 cd "$(dirname "$0")/.."
+. bench/gpu_env.sh
 OUT=${OUT:-out/gpu_train}
 mkdir -p "$OUT"
-export PYTHONPATH="src${PYTHONPATH:+:$PYTHONPATH}"
-export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false TRANSFORMERS_VERBOSITY=error
-PY=${PYTHON:-python3}
 
 main() {
-  if ! $PY -c "import pydantic" 2>/dev/null; then
-    if ls .whl/pydantic-*.whl >/dev/null 2>&1; then
-      $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl \
-        && export PYTHONPATH="$PYTHONPATH:/tmp/site"
-    else
-      echo "pydantic is missing and .whl/ holds no wheels for it (see docs/benchmarks.md)"
-    fi
-  fi
+  ensure_pydantic
   nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,driver_version --format=csv 2>&1 || true
   $PY - >"$OUT/env.json" <<'PYEOF'
 import json, platform, torch, transformers

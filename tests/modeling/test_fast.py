@@ -343,13 +343,17 @@ def test_weights_changed_in_place_are_reread(dense):
             w.div_(3.0)
 
 
-def test_benchmark_script_cpu_tiny(tmp_path):
-    spec = importlib.util.spec_from_file_location(
-        "bench_decode", Path(__file__).parents[2] / "bench" / "decode.py"
-    )
+def load_bench_decode():
+    """bench/decode.py as a module (it is a script, not part of the package)."""
+    spec = importlib.util.spec_from_file_location("bench_decode", Path(__file__).parents[2] / "bench" / "decode.py")
     bench = importlib.util.module_from_spec(spec)
     sys.modules["bench_decode"] = bench
     spec.loader.exec_module(bench)
+    return bench
+
+
+def test_benchmark_script_cpu_tiny(tmp_path):
+    bench = load_bench_decode()
     out = tmp_path / "decode.json"
     n = torch.get_num_threads()
     try:
@@ -394,12 +398,7 @@ def test_benchmark_script_cpu_tiny(tmp_path):
 def test_benchmark_script_lora_only_with_model_dtype_terms(tmp_path):
     """`--lora-only` builds one model and times only the LoRA-shared phase; with `--lora-precision model` the fp32
     tiny run takes the A-in-the-base path and its greedy tokens still equal the reference's."""
-    spec = importlib.util.spec_from_file_location(
-        "bench_decode", Path(__file__).parents[2] / "bench" / "decode.py"
-    )
-    bench = importlib.util.module_from_spec(spec)
-    sys.modules["bench_decode"] = bench
-    spec.loader.exec_module(bench)
+    bench = load_bench_decode()
     out = tmp_path / "decode.json"
     n = torch.get_num_threads()
     try:
