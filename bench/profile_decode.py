@@ -101,6 +101,8 @@ def main(argv=None):
     ap.add_argument("--check", action="store_true",
                     help="also compare the first fused logits and 16 greedy tokens with the reference path, for "
                          "lora_precision auto and adapter")
+    ap.add_argument("--decode-only", action="store_true",
+                    help="profile --steps decode steps with the prefill left out (default: 8 steps with the prefill)")
     ap.add_argument("--json")
     args = ap.parse_args(argv)
     dev = torch.device(args.device)
@@ -121,8 +123,18 @@ def main(argv=None):
     acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if graphs else [])
     prof_dec = dec if not graphs else decoder(False)  # graph replays hide their kernels' names: profile eager
     run_steps(prof_dec, prompts, 4, dev)
-    with torch.profiler.profile(activities=acts) as prof:
-        run_steps(prof_dec, prompts, min(args.steps, 8), dev)
+    if args.decode_only:  # the prefill runs before the profiler starts; only the next --steps steps are in it
+        from ultrafuser.modeling.generation import SamplingParams
+
+        it = prof_dec.stream(prompts, SamplingParams(max_new_tokens=args.steps + 1, ignore_eos=True))
+        next(it)
+        with torch.profiler.profile(activities=acts) as prof:
+            for _ in it:
+                pass
+            sync(dev)
+    else:
+        with torch.profiler.profile(activities=acts) as prof:
+            run_steps(prof_dec, prompts, min(args.steps, 8), dev)
     key = "self_device_time_total" if graphs else "self_cpu_time_total"
     table = prof.key_averages().table(sort_by=key.replace("_total", "_total"), row_limit=args.top)
     print(json.dumps(out, indent=1))
