@@ -122,8 +122,8 @@ class MasterAdamW:
     """AdamW for bf16 parameters with an fp32 master copy and fp32 moments (16 bytes per parameter in all, the
     layout DeepSpeed's bf16 optimizer and FSDP mixed precision keep). One parameter at a time, so the transient
     memory is one parameter's fp32 gradient; the update is PyTorch's fused AdamW kernel (`fused=True`, one pass
-    over weight, gradient and moments: ~40 bytes moved per parameter with the casts, against ~104 for the eleven
-    separate element-wise passes this class made before)."""
+    over weight, gradient and moments instead of the eleven separate element-wise passes this class made before;
+    `--unfused-adam` keeps those for comparison)."""
 
     def __init__(self, params, lr=2e-5, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, fused=True):
         self.fused = fused  # False: the earlier element-wise passes (kept to measure the difference)
