@@ -481,6 +481,14 @@ class Bench:
             rt["lora_shared_tput_vs_naive_single"] = round(ms("naive-single") / ms("fast-lora"), 3)
         if ms("fast-lora") and ms("naive-lora"):
             rt["fast_vs_naive_lora_speedup"] = round(ms("naive-lora") / ms("fast-lora"), 2)
+        for m in ("single", "fused", "lora"):  # --also-kv-model: what the fp32 CPU cache gains, same run
+            if ms(f"fast-{m}") and ms(f"fast-{m}-kvmodel"):
+                rt[f"fast_{m}_speedup_vs_kv_cache_in_model_dtype"] = round(ms(f"fast-{m}-kvmodel") / ms(f"fast-{m}"), 3)
+        if ms("fast-lora") and ms("fast-lora-memberheads"):
+            rt["fast_lora_speedup_vs_member_heads"] = round(ms("fast-lora-memberheads") / ms("fast-lora"), 3)
+        if ms("fast-lora-kvmodel") and ms("fast-single-kvmodel"):
+            rt["lora_shared_tput_vs_single_kv_cache_in_model_dtype"] = round(
+                ms("fast-single-kvmodel") / ms("fast-lora-kvmodel"), 3)
         if pf("fast-fused") and pf("fast-single"):
             rt["prefill_fast_fused_vs_3x_single"] = round(pf("fast-fused") / (3 * pf("fast-single")), 3)
         if pf("naive-fused") and pf("naive-single"):
@@ -492,6 +500,7 @@ class Bench:
             ("fast-fused", "naive-fused"),
             ("fast-single", "naive-single"),
             ("fast-lora", "naive-lora"),
+            ("fast-lora-memberheads", "naive-lora"),
             ("fast-fused-refs", "naive-fused"),
             ("fast-fused-sdpa", "naive-fused"),
         ):
@@ -634,13 +643,15 @@ class Bench:
             return kv_token * B * (a.prompt_len + a.steps // 2)
 
         def bytes_of(mode, B):
-            mode = mode.replace("-eager", "").replace("-refs", "").replace("-sdpa", "")
+            for tag in ("-eager", "-refs", "-sdpa", "-kvmodel", "-memberheads"):
+                mode = mode.replace(tag, "")
             n = 1 if mode.endswith("single") else N_SPEC
             if mode.endswith("lora"):
                 return self.lora_bytes + N_SPEC * kvb(B)
             return n * (P + kvb(B))
 
-        fkw = {"cpu_matmul": a.cpu_matmul, "lora_precision": a.lora_precision}
+        fkw = {"cpu_matmul": a.cpu_matmul, "lora_precision": a.lora_precision, "kv_cache_dtype": a.kv_cache_dtype}
+        kvm = {**fkw, "kv_cache_dtype": "model"}  # --also-kv-model: the same decoders with the cache in the model dtype
         if not a.lora_only:  # the dense phase (three models)
             fused = make_fused(models)
             single = make_fused(models[:1], gate="uniform")
@@ -650,6 +661,10 @@ class Bench:
                 decs["single"] = FastFusedDecoder(single, max_batch=mb, max_len=max_len, weights=weights, **fkw)
                 if weights == "copy" and also_refs:
                     decs["refs"] = FastFusedDecoder(fused, max_batch=mb, max_len=max_len, weights="refs", **fkw)
+                if a.also_kv_model:
+                    decs["fused_kvm"] = FastFusedDecoder(fused, max_batch=mb, max_len=max_len, weights=weights, **kvm)
+                    decs["single_kvm"] = FastFusedDecoder(single, max_batch=mb, max_len=max_len, weights=weights,
+                                                          **kvm)
                 if also_sdpa:
                     decs["sdpa"] = FastFusedDecoder(
                         fused, max_batch=mb, max_len=max_len, weights=weights, decode_attention="sdpa", **fkw
@@ -683,6 +698,9 @@ class Bench:
                     modes["fast-fused-refs"] = lambda p, s: decs["refs"].stream(p, s)
                 if "sdpa" in decs:
                     modes["fast-fused-sdpa"] = lambda p, s: decs["sdpa"].stream(p, s)
+                if "fused_kvm" in decs:
+                    modes["fast-single-kvmodel"] = lambda p, s: decs["single_kvm"].stream(first_only(p), s)
+                    modes["fast-fused-kvmodel"] = lambda p, s: decs["fused_kvm"].stream(p, s)
 
             def eager_fused():
                 d = FastFusedDecoder(fused, max_batch=mb, max_len=max_len, weights=weights, cuda_graphs=False, **fkw)
@@ -777,6 +795,16 @@ class Bench:
                 if "fast" in a.paths:
                     lmodes["fast-lora"] = lambda p, s: ldec.stream(p, s)
                     lmodes["fast-single"] = lambda p, s: single_dec.stream(first_only(p), s)
+                    if a.also_kv_model:
+                        kd = {"lora": FastFusedDecoder(lfused, max_batch=mb, max_len=max_len, weights=lweights, **kvm),
+                              "single": FastFusedDecoder(lsingle, max_batch=mb, max_len=max_len, weights=lweights,
+                                                         **kvm)}
+                        lmodes["fast-lora-kvmodel"] = lambda p, s, kd=kd: kd["lora"].stream(p, s)
+                        lmodes["fast-single-kvmodel"] = lambda p, s, kd=kd: kd["single"].stream(first_only(p), s)
+                    if a.also_member_heads:
+                        md = FastFusedDecoder(lfused, max_batch=mb, max_len=max_len, weights=lweights,
+                                              mix_before_head=False, **fkw)
+                        lmodes["fast-lora-memberheads"] = lambda p, s, md=md: md.stream(p, s)
                 lso = so.setdefault("lora_phase", {})
                 self.phase(lso, f"{shape} lora", lmodes, batches, dev, bytes_of, a.reps)
                 so["lora"]["cpu_matmul"] = {"lora": ldec.cpu_matmul_choices(),
@@ -882,6 +910,14 @@ def main(argv=None):
     ap.add_argument("--lora-precision", default="auto", choices=["auto", "adapter", "model"],
                     help="FastFusedDecoder(lora_precision=...): 'model' runs the low-rank terms in the model dtype "
                          "(each member's A in the base's GEMM) even in fp32")
+    ap.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "model", "float32"],
+                    help="FastFusedDecoder(kv_cache_dtype=...): 'auto' keeps a half-precision model's cache (and "
+                         "decode attention) in fp32 on the CPU, the model dtype elsewhere")
+    ap.add_argument("--also-kv-model", action="store_true",
+                    help="also time the fast decoders with kv_cache_dtype='model' (modes *-kvmodel), side by side")
+    ap.add_argument("--also-member-heads", action="store_true",
+                    help="also time LoRA-shared with mix_before_head=False (every member's logits formed; mode "
+                         "fast-lora-memberheads), side by side")
     ap.add_argument("--lora-only", action="store_true",
                     help="build one model and run only the LoRA-shared phase (single vs LoRA-shared)")
     ap.add_argument(

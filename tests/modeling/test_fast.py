@@ -99,6 +99,36 @@ def test_lora_shared_base_runs_as_one_batch(lora):
     assert ids(dec.generate(prompts, GREEDY)) == want
 
 
+def test_shared_head_runs_once_on_the_mixed_hidden_states(lora):
+    """Members of a shared group have one LM head and the fusion is linear in the logits, so the fast path mixes
+    their hidden states by the gate weights and runs the head once per prompt: the reference's greedy tokens, and
+    the same fused logits (to fp32 rounding) as forming every member's logits (mix_before_head=False)."""
+    model, prompts, want = lora
+    dec = FastFusedDecoder(model, max_batch=4, max_len=256)
+    g = dec.groups[0]
+    assert dec.head_after_mix == [g] and g.mixed_head
+    heads, orig = [], g._head
+
+    def spy(h, *a, **kw):
+        heads.append(tuple(h.shape))
+        return orig(h, *a, **kw)
+
+    g._head = spy
+    assert ids(dec.generate(prompts, GREEDY)) == want
+    assert heads and all(s[0] == 1 for s in heads)  # (1, rows, H): never one head product per member
+    per_member = FastFusedDecoder(model, max_batch=4, max_len=256, mix_before_head=False)
+    assert per_member.head_after_mix == []
+    assert ids(per_member.generate(prompts, GREEDY)) == want
+    z, w = dec.start_decoding(prompts)
+    z0, w0 = per_member.start_decoding(prompts)
+    for _ in range(6):
+        assert torch.allclose(w, w0, atol=1e-6, rtol=0)
+        assert (z - z0).abs().max() <= 1e-5 * z0.abs().max()
+        tok = z0.argmax(-1)
+        z, w = dec.decode_step(tok)
+        z0, w0 = per_member.decode_step(tok)
+
+
 def test_prefill_skips_left_padding_row_by_row(dense, lora):
     """On the CPU, prompts of different lengths are prefilled one row at a time into their own slot range (no
     compute on left padding); same-length prompts keep one batched prefill. Tokens equal the reference either way."""
@@ -107,9 +137,9 @@ def test_prefill_skips_left_padding_row_by_row(dense, lora):
         g = dec.groups[0]
         calls, orig = [], g.prefill
 
-        def spy(ids, mask, row0=0, slot0=0):
+        def spy(ids, mask, row0=0, slot0=0, **kw):
             calls.append((ids.shape[1], row0, slot0))
-            return orig(ids, mask, row0, slot0)
+            return orig(ids, mask, row0, slot0, **kw)
 
         g.prefill = spy
         assert ids(dec.generate(prompts, GREEDY)) == want
@@ -413,6 +443,51 @@ def test_benchmark_script_lora_only_with_model_dtype_terms(tmp_path):
     lb = s["lora_phase"]["batch2"]
     assert lb["token_checks"]["fast-lora==naive-lora"]["exact"]
     assert lb["fast-lora"]["ms_step"] > 0 and "lora_shared_vs_one_model" in lb["ratios"]
+
+
+def test_benchmark_script_bf16_cache_side_by_side(tmp_path):
+    """`--dtype bfloat16 --also-kv-model` times the fast decoders with the cache in fp32 (the CPU default) and in
+    bf16 side by side and reports what the fp32 cache gains."""
+    bench = load_bench_decode()
+    out = tmp_path / "decode.json"
+    n = torch.get_num_threads()
+    try:
+        bench.main(["--shape", "tiny", "--device", "cpu", "--dtype", "bfloat16", "--json", str(out), "--steps", "8",
+                    "--batches", "2", "--prompt-len", "12", "--lora-rank", "4", "--lora-only", "--also-kv-model",
+                    "--paths", "fast"])
+    finally:
+        torch.set_num_threads(n)
+    d = json.loads(out.read_text())
+    assert d["errors"] == []
+    lb = d["shapes"]["tiny"]["lora_phase"]["batch2"]
+    assert all(lb[m]["ms_step"] > 0 for m in ("fast-lora", "fast-single", "fast-lora-kvmodel", "fast-single-kvmodel"))
+    r = lb["ratios"]
+    assert r["fast_lora_speedup_vs_kv_cache_in_model_dtype"] > 0 and r["fast_single_speedup_vs_kv_cache_in_model_dtype"] > 0
+
+
+def test_kv_cache_dtype_fp32_for_half_models_on_the_cpu(tiny_dir):
+    """bf16 specialists on the CPU keep the KV cache (and the decode attention) in fp32 by default — half-precision
+    batched matmuls this small are slow there (bench/cpu_attention.py) —; kv_cache_dtype="model" keeps bf16. Both
+    stay as close to the reference's fused logits as bf16 allows, and fp32 models are unaffected."""
+    specs = [SpecialistConfig(domain=d, path=tiny_dir["text"], template=TEMPLATES.get(d), dtype="bfloat16",
+                              adapter={"code": tiny_dir["lora_code"], "math": tiny_dir["lora_math"]}.get(d))
+             for d in ("text", "code", "math")]
+    model = FusedModel.from_config(FuseConfig(specialists=specs, gate=GateConfig.parse("uniform")))
+    prompts = [model.encode_prompt(t) for t in TEXTS]
+    ref = model.start_decoding(prompts).logits.float()
+    scale = ref.abs().max()
+    decs = {k: FastFusedDecoder(model, max_batch=4, max_len=256, kv_cache_dtype=k) for k in ("auto", "model")}
+    assert decs["auto"].groups[0].k_cache[0].dtype == torch.float32
+    assert decs["model"].groups[0].k_cache[0].dtype == torch.bfloat16
+    for k, dec in decs.items():
+        z, _ = dec.start_decoding(prompts)
+        assert (z - ref).abs().max() < 0.05 * scale, k
+        assert (z.argmax(-1) == ref.argmax(-1)).all(), k
+    fp32 = FastFusedDecoder(fuse([tiny_dir["text"]] * 3, adapters={"code": tiny_dir["lora_code"]}), max_batch=2,
+                            max_len=64)
+    assert fp32.groups[0].k_cache[0].dtype == torch.float32
+    with pytest.raises(ValueError, match="kv_cache_dtype"):
+        FastFusedDecoder(model, max_batch=4, max_len=256, kv_cache_dtype="fp8")
 
 
 def test_lora_terms_in_the_model_dtype_give_the_same_tokens(lora):

@@ -87,9 +87,13 @@ class _BatchState:
             self.pad.append(torch.zeros((B, g.G), device=dev, **long))
             self.cur.append(torch.zeros(1, device=dev, **long))
             self.hout.append(torch.zeros((g.G, B, a.hidden), device=dev, dtype=a.dtype))
-            self.lout.append(torch.zeros((g.G, B, a.vocab_rows), device=dev, dtype=a.dtype))
             remote = dev != fd
             self.hm.append(torch.zeros_like(self.hout[-1], device=fd) if remote else self.hout[-1])
+            if g in dec.head_after_mix:  # its members' logits are never formed (see FastFusedDecoder._fuse)
+                self.lout.append(None)
+                self.lm.append(None)
+                continue
+            self.lout.append(torch.zeros((g.G, B, a.vocab_rows), device=dev, dtype=a.dtype))
             self.lm.append(torch.zeros_like(self.lout[-1], device=fd) if remote else self.lout[-1])
         self.cur_host = [0] * len(dec.groups)
         self.z = torch.zeros((B, V), device=fd)
@@ -150,6 +154,12 @@ class FastFusedDecoder:
       CPUs and BLAS builds, by 2-3x on some), "rule" (plain copies and the fixed rule, as before packing), or a
       formulation forced wherever available: "packed", "copies", "w_xt", "linear" (see fast_llama.CPU_FORMS).
       `cpu_matmul_choices()` reports what was chosen and measured.
+    mix_before_head: members of a shared group (one base + LoRA adapters) have one LM head, and the fusion is
+      linear in the logits, so their gate-weighted hidden states go through the head once per prompt instead of
+      each member's through it (default); False forms every member's logits, as the reference does.
+    kv_cache_dtype: the KV cache's and the decode attention's dtype: "auto" (fp32 for bf16 / fp16 models on the
+      CPU, where half-precision attention matmuls this small are slow — see fast_llama.Group —, else the model
+      dtype), "model" or "float32".
     """
 
     def __init__(
@@ -169,7 +179,13 @@ class FastFusedDecoder:
         decode_attention: str = "bmm",
         lora_precision: str = "auto",
         cpu_matmul: str = "auto",
+        mix_before_head: bool = True,
+        kv_cache_dtype: str = "auto",
     ):
+        self.mix_before_head = bool(mix_before_head)
+        if kv_cache_dtype not in ("auto", "model", "float32"):
+            raise ValueError(f"kv_cache_dtype={kv_cache_dtype!r}: use auto, model or float32")
+        self.kv_cache_dtype = kv_cache_dtype
         if cpu_matmul not in ("auto", "rule") + CPU_FORMS:
             raise ValueError(f"cpu_matmul={cpu_matmul!r}: use auto, rule or one of {', '.join(CPU_FORMS)}")
         self.cpu_matmul = cpu_matmul
@@ -276,10 +292,23 @@ class FastFusedDecoder:
                 attention=self.decode_attention,
                 lora_precision=self.lora_precision,
                 cpu_matmul=self.cpu_matmul,
+                kv_cache_dtype=self.kv_cache_dtype,
             )
             self.groups.append(g)
             self.members.append(ks)
         self.slot = {k: (gi, j) for gi, ks in enumerate(self.members) for j, k in enumerate(ks)}
+        # shared groups (one base + adapters) whose members' logits are mixed as hidden states before one LM head
+        # (see _fuse); only on the fusing device, where the gate weights are
+        self.head_after_mix = [
+            g for g in self.groups
+            if self.mix_before_head and g.shared and g.G > 1 and g.device == self.fuse_device
+        ]
+        for g in self.groups:
+            g.mixed_head = g in self.head_after_mix
+        self._mix_groups = [  # (group, its index, its members as an index tensor: no host copy in a graph)
+            (g, gi, torch.tensor(self.members[gi], device=self.fuse_device))
+            for gi, g in enumerate(self.groups) if g in self.head_after_mix
+        ]
         self.runner_devices = {g.device for g in self.groups}
         self._fingerprint = self._current_fingerprint()
         self._states = {}
@@ -324,9 +353,11 @@ class FastFusedDecoder:
         """Decode one token in the given groups (all on one device) and advance their positions."""
         for gi in gis:
             g = self.groups[gi]
-            h, lg = g.decode(st.tok[g.device], st.pos[gi], st.pad[gi], st.cur[gi], t_attn[gi])
+            h, lg = g.decode(st.tok[g.device], st.pos[gi], st.pad[gi], st.cur[gi], t_attn[gi],
+                             logits=g not in self.head_after_mix)
             st.hout[gi].copy_(h)
-            st.lout[gi].copy_(lg)
+            if lg is not None:
+                st.lout[gi].copy_(lg)
             st.pos[gi].add_(1)
             st.cur[gi].add_(1)
 
@@ -335,9 +366,27 @@ class FastFusedDecoder:
         hs, ls = [None] * len(self.slot), [None] * len(self.slot)
         for k, (gi, j) in self.slot.items():
             hs[k] = st.hm[gi][j].unsqueeze(1)  # (B, 1, H)
-            ls[k] = st.lm[gi][j].unsqueeze(1)  # (B, 1, V_k)
-        z, w = self.model.mix(hs, ls)  # (B, 1, V) fp32, (B, 1, N)
-        z, w = z[:, 0], w[:, 0]
+            ls[k] = None if st.lm[gi] is None else st.lm[gi][j].unsqueeze(1)  # (B, 1, V_k)
+        if not self.head_after_mix:
+            z, w = self.model.mix(hs, ls)  # (B, 1, V) fp32, (B, 1, N)
+            z, w = z[:, 0], w[:, 0]
+        else:
+            # Members of a shared group have one LM head W, and the fusion is linear in the logits, so their part
+            # of the fused logits, sum_j w_j (h_j W), is (sum_j w_j h_j) W: the gate-weighted hidden states (fp32,
+            # then the model dtype) go through the head once per prompt instead of once per member — the same
+            # sum up to rounding (fp32 greedy tokens identical in tests/modeling/test_fast.py).
+            if any(o is not None for o in ls):
+                z, w = self.model.mix(hs, ls)
+                z = z[:, 0]
+            else:
+                z, w = None, self.model.gate_weights(hs)
+            w = w[:, 0]
+            V = self.model.vocab_size
+            for g, gi, ix in self._mix_groups:
+                wg = w.index_select(1, ix).t().unsqueeze(-1)  # (G, B, 1) the members' gate weights
+                hmix = (wg * st.hm[gi].float()).sum(0).to(g.arch.dtype)  # (B, H)
+                term = g.head_of_mix(hmix)[:, :V].float()
+                z = term if z is None else z + term
         st.z.copy_(z)
         st.w.copy_(w)
         fd = self.fuse_device
@@ -351,7 +400,8 @@ class FastFusedDecoder:
         for gi, g in enumerate(self.groups):
             if st.hm[gi] is not st.hout[gi]:
                 st.hm[gi].copy_(st.hout[gi], non_blocking=True)
-                st.lm[gi].copy_(st.lout[gi], non_blocking=True)
+                if st.lm[gi] is not None:
+                    st.lm[gi].copy_(st.lout[gi], non_blocking=True)
 
     def _tok_to_runners(self, st: _BatchState) -> None:
         src = st.tok[self.fuse_device]
@@ -486,10 +536,12 @@ class FastFusedDecoder:
         def run(job):  # one group's pieces, in order
             gi, parts = job
             for ids, mask, row0, slot0 in parts:
-                h, lg = self.groups[gi].prefill(ids, mask, row0, slot0)
+                g = self.groups[gi]
+                h, lg = g.prefill(ids, mask, row0, slot0, logits=g not in self.head_after_mix)
                 n = ids.shape[1]
                 st.hout[gi][:, row0 : row0 + n].copy_(h)
-                st.lout[gi][:, row0 : row0 + n].copy_(lg)
+                if lg is not None:
+                    st.lout[gi][:, row0 : row0 + n].copy_(lg)
 
         if self._pool is not None:
             list(self._pool.map(run, jobs))

@@ -462,13 +462,15 @@ class Group:
     """G specialists of one architecture on one device, decoded as one batch (see the module docstring)."""
 
     def __init__(self, members, device, weights: str, max_batch: int, max_len: int, attention: str = "bmm",
-                 lora_precision: str = "auto", cpu_matmul: str = "auto"):
+                 lora_precision: str = "auto", cpu_matmul: str = "auto", kv_cache_dtype: str = "auto"):
         """members: [(hf_model, adapter_name | None)]; weights: 'copy' or 'refs'; attention (decode step): 'bmm'
         (scores rounded to the model dtype before an fp32 softmax, like HF eager attention) or 'sdpa' (PyTorch's
         fused kernel: fp32 scores and softmax, like HF's default sdpa attention on CUDA); cpu_matmul: how the
         decode step's matmuls run on the CPU — 'auto' (oneDNN-packed copies where available; fp32: the form
         measured per batch size, see CPU_FORMS), 'rule' (plain copies and the fixed rule of CPU_FEW_ROWS, as
         before packing), or one of CPU_FORMS wherever available ('copies' also means plain copies)."""
+        if kv_cache_dtype not in ("auto", "model", "float32"):
+            raise ValueError(f"kv_cache_dtype={kv_cache_dtype!r}: use auto, model or float32")
         if attention not in ("bmm", "sdpa"):
             raise ValueError(f"attention={attention!r}: use bmm or sdpa")
         if cpu_matmul not in ("auto", "rule") + CPU_FORMS:
@@ -476,6 +478,7 @@ class Group:
         self.attention = attention
         self.cpu_matmul = cpu_matmul
         self.cpu_forms: dict[int, dict] = {}  # batch size -> {"proj": form, "head": form, "ms": timings}
+        self.mixed_head = False  # set by the decoder: the LM head runs once per prompt on mixed hidden states
         models = [m for m, _ in members]
         adapters = [a for _, a in members]
         self.G = G = len(members)
@@ -561,8 +564,18 @@ class Group:
         )
         self.max_batch, self.max_len = max_batch, max_len
         shape = (max_batch, G, a.kv_heads, max_len, a.head_dim)
-        self.k_cache = [torch.zeros(shape, device=dev, dtype=dt) for _ in range(a.layers)]
-        self.v_cache = [torch.zeros(shape, device=dev, dtype=dt) for _ in range(a.layers)]
+        # The decode step's attention dtype (and the cache's). "auto": on the CPU, bf16 / fp16 models keep their
+        # keys and values in fp32 (the values the model computed, exactly: widening rounds nothing) and attend in
+        # fp32 — oneDNN's half-precision batched matmuls this small cost a fixed ~40-130 us each, and the
+        # attention length, so the shape, changes every step; the fp32 ones were 2.3-3.6x faster on a 2-core
+        # AVX-512-bf16 VM (`python bench/cpu_attention.py`). The cache takes twice the bytes; scores are not
+        # rounded to the model dtype (closer to fp32 than HF's eager bf16 attention). CUDA keeps the model dtype
+        # (bandwidth-bound there). "model" / "float32" force one.
+        half_cpu = dev.type == "cpu" and dt in (torch.bfloat16, torch.float16)
+        self.kv_dtype = torch.float32 if kv_cache_dtype == "float32" or (
+            kv_cache_dtype == "auto" and half_cpu) else dt
+        self.k_cache = [torch.zeros(shape, device=dev, dtype=self.kv_dtype) for _ in range(a.layers)]
+        self.v_cache = [torch.zeros(shape, device=dev, dtype=self.kv_dtype) for _ in range(a.layers)]
 
     # ------------------------------------------------------------------ pieces
     def cache_bytes(self) -> int:
@@ -584,7 +597,12 @@ class Group:
         own = ("packed",) if self.head_P is not None else ("copies",) if self.copy else ()
         return own + (("w_xt", "linear") if self.head_refs is not None else ())
 
-    def _head(self, h, form: str | None = None):  # h (G, B, H) -> logits (G, B, V)
+    def head_of_mix(self, h: torch.Tensor) -> torch.Tensor:
+        """A shared group's LM head on B mixed hidden states (B, H) -> logits (B, V): one row per prompt (the
+        decoder sets `mixed_head`, so the CPU's measured choice of head formulation is made for B rows)."""
+        return self._head(h.unsqueeze(0), self.forms_for(h.shape[0])[1], rows=h.shape[0])[0]
+
+    def _head(self, h, form: str | None = None, rows: int | None = None):  # h (G, B, H) -> logits (G, B, V)
         if self.head_P is not None and form in (None, "packed", "copies"):
             G, B, H = h.shape
             if self.shared:
@@ -603,7 +621,7 @@ class Group:
                 G, B, H = h.shape
                 return torch.mm(h.reshape(G * B, H), self.head_t[0]).view(G, B, -1)
             return torch.bmm(h, self.head_t)
-        rows = h.shape[1] * (self.G if self.shared else 1)
+        rows = rows or h.shape[1] * (self.G if self.shared else 1)
         cpu = self.device.type == "cpu"
         if self.copy and cpu and self.arch.dtype != torch.float32:  # h·Wᵀ with the (V, H) head (CPU_FEW_ROWS)
             return F.linear(h, self.head[0]) if self.shared else torch.stack(
@@ -697,13 +715,15 @@ class Group:
                 Lw["qkv"](xh, form), Lw["o"](xa, form), Lw["gu"](xh, form), Lw["down"](xi, form)
 
         rows = B * (G if self.shared else 1)
+        head_rows = B if self.mixed_head else rows
+        xhead = xh[:1] if self.mixed_head else xh
         head_default = "packed" if self.head_P is not None else (
-            "copies" if self.copy and not (self.head_refs is not None and rows > CPU_FEW_ROWS) else "w_xt")
+            "copies" if self.copy and not (self.head_refs is not None and head_rows > CPU_FEW_ROWS) else "w_xt")
         out = {"ms": {}}
         with torch.no_grad():
             for part, forms, default, run in (
                 ("proj", L0["qkv"].forms, L0["qkv"].default_form(xh), sweep),
-                ("head", self.head_forms, head_default, lambda f: self._head(xh, f)),
+                ("head", self.head_forms, head_default, lambda f: self._head(xhead, f, rows=head_rows)),
             ):
                 ms = {f: math.inf for f in forms}
                 for f in forms:  # warm-up
@@ -720,10 +740,10 @@ class Group:
         return out
 
     # ------------------------------------------------------------------ prefill / decode
-    def prefill(self, ids, mask, row0: int = 0, slot0: int = 0):
+    def prefill(self, ids, mask, row0: int = 0, slot0: int = 0, logits: bool = True):
         """ids, mask (G, B, T) left-padded; fills cache rows [row0, row0 + B), slots [slot0, slot0 + T) (a row
         prefilled on its own goes to the end of the batch's slot range: slot0 = the batch's T - this T); returns
-        (hidden, logits) at the last slot: (G, B, H), (G, B, V)."""
+        (hidden, logits) at the last slot: (G, B, H), (G, B, V) — logits None when not asked for."""
         a = self.arch
         G, B, T = ids.shape
         rows, slots = slice(row0, row0 + B), slice(slot0, slot0 + T)
@@ -751,14 +771,15 @@ class Group:
             o = o.view(G, B, a.heads, T, a.head_dim).permute(0, 1, 3, 2, 4).reshape(G, B * T, -1)
             x = self._layer_rest(Lw, x, o)
         h = self._norm(x[:, :, -1:], self.norm)[:, :, 0]  # (G, B, H) the LM head's input
-        return h, self._head(h)
+        return h, self._head(h) if logits else None
 
-    def decode(self, tok, pos, pad, cur, t_attn: int):
+    def decode(self, tok, pos, pad, cur, t_attn: int, logits: bool = True):
         """One step: tok (B,) new token for every member, pos (G, B) its positions, pad (B, G) left padding,
-        cur (1,) the cache slot to write; attends over slots [0, t_attn). Returns (G, B, H), (G, B, V)."""
+        cur (1,) the cache slot to write; attends over slots [0, t_attn). Returns (G, B, H), (G, B, V) (logits
+        None when not asked for)."""
         a = self.arch
         G, B = pos.shape
-        D, Hkv = a.head_dim, a.kv_heads
+        D, Hkv, kd = a.head_dim, a.kv_heads, self.kv_dtype
         cos, sin = self._rope(pos.unsqueeze(-1), a.dtype)  # (G, B, 1, 1, D)
         x = self._embed(tok.view(1, B, 1).expand(G, B, 1))  # (G, B, 1, H)
         ar = torch.arange(t_attn, device=tok.device)
@@ -772,17 +793,17 @@ class Group:
                 .reshape(B * G * Hkv, 1, 1, t_attn)
             )
         else:
-            bias = torch.zeros((B, G, Hkv, 1, t_attn), device=tok.device, dtype=a.dtype)
+            bias = torch.zeros((B, G, Hkv, 1, t_attn), device=tok.device, dtype=kd)
             bias = bias.masked_fill(~allowed.view(B, G, 1, 1, t_attn), NEG_INF).view(B * G * Hkv, 1, t_attn)
         pf, hf = self.forms_for(B)
         for i, Lw in enumerate(self.layers):
             q, k, v = self._layer_qkv(Lw, x, cos, sin, pf)  # (G, B, 1, heads, D)
             kc, vc = self.k_cache[i][:B], self.v_cache[i][:B]  # contiguous (B, G, Hkv, T_max, D)
-            kc.index_copy_(3, cur, k.permute(1, 0, 3, 2, 4))
-            vc.index_copy_(3, cur, v.permute(1, 0, 3, 2, 4))
+            kc.index_copy_(3, cur, k.permute(1, 0, 3, 2, 4).to(kd))
+            vc.index_copy_(3, cur, v.permute(1, 0, 3, 2, 4).to(kd))
             kv_k = kc[:, :, :, :t_attn].view(B * G * Hkv, t_attn, D)  # a view: the cache is never copied
             kv_v = vc[:, :, :, :t_attn].view(B * G * Hkv, t_attn, D)
-            qh = q.reshape(G, B, Hkv, self.rep, D).transpose(0, 1).reshape(B * G * Hkv, self.rep, D)
+            qh = q.reshape(G, B, Hkv, self.rep, D).transpose(0, 1).reshape(B * G * Hkv, self.rep, D).to(kd)
             if self.attention == "sdpa":
                 # GQA without copying the cache: a kv head's `rep` query heads are SDPA's query positions
                 o = F.scaled_dot_product_attention(
@@ -790,9 +811,9 @@ class Group:
                 ).squeeze(1)  # (BGHkv, rep, D)
             else:
                 s = torch.baddbmm(bias, qh, kv_k.transpose(1, 2), alpha=self.scaling)  # scale·qKᵀ + mask
-                p = torch.softmax(s, dim=-1, dtype=torch.float32).to(a.dtype)  # (BGHkv, rep, T)
+                p = torch.softmax(s, dim=-1, dtype=torch.float32).to(kd)  # (BGHkv, rep, T)
                 o = torch.bmm(p, kv_v)  # (BGHkv, rep, D)
-            o = o.view(B, G, a.heads * D).transpose(0, 1)  # (G, B, Hq*D)
+            o = o.to(a.dtype).view(B, G, a.heads * D).transpose(0, 1)  # (G, B, Hq*D)
             x = self._layer_rest(Lw, x, o, pf)
         h = self._norm(x, self.norm)[:, :, 0]
-        return h, self._head(h, hf)
+        return h, self._head(h, hf) if logits else None

@@ -1,0 +1,84 @@
+"""The decode step's attention on the CPU, per layer, the measurement behind `fast_llama.Group.kv_dtype`: one query
+token's scores against a cache slice that grows by one slot every step (as in decoding: a new shape each step),
+softmax in fp32, then the weighted values — with the cache in the model's half-precision dtype (scores in that
+dtype, as the fast path did before), and with the cache in fp32 (what it keeps on the CPU now). Default shape:
+SmolLM2-135M (30 layers, 3 KV heads of 64, 3 query heads each); `--batches` counts batch rows x members, e.g. 4
+prompts x 3 LoRA specialists = 12. `--prompt-len` sets where the attention length starts: the fp32 cache reads
+twice the bytes, so at long lengths its advantage shrinks.
+
+    python bench/cpu_attention.py [--batches 1,3,4,12 --prompt-len 64 --steps 32 --dtype bfloat16 --json OUT.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+
+import torch
+
+
+def step_us(rows: int, kv_heads: int, rep: int, head_dim: int, layers: int, prompt_len: int, steps: int, kv_dtype,
+            q_dtype) -> float:
+    """Mean µs per layer of the decode attention over `steps` steps (attention length prompt_len + 1, + 2, ...),
+    each step going through `layers` layers' caches (so they are read from memory, as in a real step)."""
+    gen = torch.Generator().manual_seed(0)
+    n, t_max = rows * kv_heads, prompt_len + steps + 1
+    kcs = [torch.randn((n, t_max, head_dim), generator=gen).to(kv_dtype) for _ in range(layers)]
+    vcs = [torch.randn((n, t_max, head_dim), generator=gen).to(kv_dtype) for _ in range(layers)]
+    q = torch.randn((n, rep, head_dim), generator=gen).to(q_dtype)
+    total = 0.0
+    for s in range(steps):
+        t = prompt_len + 1 + s
+        bias = torch.zeros((n, rep, t), dtype=kv_dtype)
+        t0 = time.perf_counter()
+        for kc, vc in zip(kcs, vcs):
+            k, v = kc[:, :t], vc[:, :t]
+            sc = torch.baddbmm(bias, q.to(kv_dtype), k.transpose(1, 2), alpha=head_dim**-0.5)
+            p = torch.softmax(sc, dim=-1, dtype=torch.float32).to(kv_dtype)
+            torch.bmm(p, v).to(q_dtype)
+        total += time.perf_counter() - t0
+    return total / steps / layers * 1e6
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--batches", default="1,3,4,12", help="rows x members per step")
+    ap.add_argument("--kv-heads", type=int, default=3)
+    ap.add_argument("--rep", type=int, default=3, help="query heads per KV head")
+    ap.add_argument("--head-dim", type=int, default=64)
+    ap.add_argument("--layers", type=int, default=30)
+    ap.add_argument("--prompt-len", type=int, default=64)
+    ap.add_argument("--steps", type=int, default=32)
+    ap.add_argument("--reps", type=int, default=2, help="interleaved repetitions; the best is reported")
+    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
+    ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    ap.add_argument("--json")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    half = getattr(torch, args.dtype)
+    rows = []
+    print(f"# CPU {platform.machine()}, {args.threads} threads, torch {torch.__version__}, {args.dtype}; "
+          f"µs per layer and step (best of {args.reps})")
+    print(f"{'rows':>5} {'half cache':>11} {'fp32 cache':>11} {'ratio':>6}")
+    for b in [int(x) for x in args.batches.split(",")]:
+        best = {"half": float("inf"), "fp32": float("inf")}
+        for _ in range(args.reps):
+            for name, kd in (("half", half), ("fp32", torch.float32)):
+                us = step_us(b, args.kv_heads, args.rep, args.head_dim, args.layers, args.prompt_len, args.steps, kd,
+                             half)
+                best[name] = min(best[name], us)
+        r = {"rows": b, "half_us": round(best["half"], 1), "fp32_us": round(best["fp32"], 1),
+             "half_over_fp32": round(best["half"] / best["fp32"], 2)}
+        rows.append(r)
+        print(f"{b:5d} {r['half_us']:11.1f} {r['fp32_us']:11.1f} {r['half_over_fp32']:6.2f}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"machine": platform.machine(), "threads": args.threads, "torch": torch.__version__,
+                       "dtype": args.dtype, "args": vars(args), "rows": rows}, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
