@@ -143,8 +143,8 @@ class FastFusedDecoder:
       devices). pipeline: enqueue step t+1 before reading token t (default: with CUDA graphs).
     sampler: "reference" (host `_pick`, identical samples to the reference path), "device" (in-graph, see
       `device_sample`) or "auto" (reference on the CPU, device on CUDA). bucket: attention-length granularity
-      of the captured graphs. decode_attention: "bmm" (the measured default: scores in the model dtype, fp32
-      softmax) or "sdpa" (PyTorch's fused attention, fp32 scores: closer to HF's sdpa path in bf16 on CUDA).
+      of the captured graphs. decode_attention: "bmm" (the measured default: scores in the cache's dtype — see
+      kv_cache_dtype —, fp32 softmax) or "sdpa" (PyTorch's fused attention, fp32 scores: closer to HF's sdpa path in bf16 on CUDA).
     lora_precision: "auto" (LoRA terms in the model dtype for bf16/fp16 models — PEFT's fp32 terms are slow thin
       GEMMs on CUDA and on the CPU — else in the adapters' dtype, as PEFT), "adapter" (always PEFT's way) or
       "model" (always the model dtype, scale folded into B, one fused add).

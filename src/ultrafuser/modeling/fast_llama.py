@@ -16,7 +16,9 @@ LoRA adapters, and computes exactly what `Specialist.forward` computes, in a lay
   and attends over the first `T_attn` slots with a mask built from each row's left padding.
 
 Numerics follow the Hugging Face modules (RMSNorm in fp32 then cast, cos/sin in fp32 then cast, softmax in
-fp32, LoRA in the adapter's dtype then cast back), so fp32 greedy tokens match the reference path.
+fp32, LoRA in the adapter's dtype then cast back), so fp32 greedy tokens match the reference path. Half-precision
+models on the CPU keep the KV cache and the decode attention in fp32 (`kv_cache_dtype`, see `Group`): faster there,
+and closer to fp32 than HF's eager half-precision attention.
 """
 
 from __future__ import annotations
@@ -464,7 +466,8 @@ class Group:
     def __init__(self, members, device, weights: str, max_batch: int, max_len: int, attention: str = "bmm",
                  lora_precision: str = "auto", cpu_matmul: str = "auto", kv_cache_dtype: str = "auto"):
         """members: [(hf_model, adapter_name | None)]; weights: 'copy' or 'refs'; attention (decode step): 'bmm'
-        (scores rounded to the model dtype before an fp32 softmax, like HF eager attention) or 'sdpa' (PyTorch's
+        (scores in the cache's dtype — kv_cache_dtype — before an fp32 softmax: with the model dtype, like HF
+        eager attention) or 'sdpa' (PyTorch's
         fused kernel: fp32 scores and softmax, like HF's default sdpa attention on CUDA); cpu_matmul: how the
         decode step's matmuls run on the CPU — 'auto' (oneDNN-packed copies where available; fp32: the form
         measured per batch size, see CPU_FORMS), 'rule' (plain copies and the fixed rule of CPU_FEW_ROWS, as
