@@ -19,3 +19,10 @@ ensure_pydantic() {
     echo "WARNING: pydantic is missing and .whl/ holds no wheels for it: ultrafuser cannot be imported"
   fi
 }
+# ensure_pydantic, then the run's header: date, the card (name, memory, driver) and the library versions
+gpu_env_header() {
+  ensure_pydantic
+  echo "== env $(date -u +%FT%TZ)"
+  nvidia-smi --query-gpu=name,memory.total,memory.used,driver_version --format=csv 2>&1 | head -3
+  ${PY:-python3} -c "import torch, transformers, peft; print('torch', torch.__version__, '| transformers', transformers.__version__, '| peft', peft.__version__, '|', torch.cuda.get_device_name())"
+}

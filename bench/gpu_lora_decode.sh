@@ -21,10 +21,7 @@ export PYTORCH_CUDA_ALLOC_CONF="${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:T
 START=$(date +%s)
 
 {
-  ensure_pydantic
-  echo "== env $(date -u +%FT%TZ)"
-  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 | head -3
-  $PY -c "import torch, transformers, peft; print('torch', torch.__version__, '| transformers', transformers.__version__, '| peft', peft.__version__, '|', torch.cuda.get_device_name())"
+  gpu_env_header
 
   echo "== 1. tiny fp32 on CUDA"
   timeout 90 $PY bench/decode.py --shape tiny --device cuda --dtype float32 --batches 1,4 --vary \

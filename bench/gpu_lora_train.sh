@@ -23,10 +23,7 @@ START=$(date +%s)
 left() { echo $(( TOTAL_S - ($(date +%s) - START) )); }
 
 {
-  ensure_pydantic
-  echo "== env $(date -u +%FT%TZ)"
-  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 | head -3
-  $PY -c "import torch, transformers, peft; print('torch', torch.__version__, '| transformers', transformers.__version__, '| peft', peft.__version__, '|', torch.cuda.get_device_name())"
+  gpu_env_header
 
   echo "== 1. tiny fp32 on CUDA, LoRA terms in the model dtype (left $(left) s)"
   timeout 60 $PY bench/decode.py --shape tiny --device cuda --dtype float32 --batches 1,4 --vary \
