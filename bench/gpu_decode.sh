@@ -15,9 +15,7 @@
 set -u
 cd "$(dirname "$0")/.."
 . bench/gpu_env.sh
-OUT="${OUT:-bench_out}"
-mkdir -p "$OUT"
-export PYTORCH_CUDA_ALLOC_CONF="${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}"
+gpu_out_dir
 TOTAL_S="${TOTAL_S:-450}"  # wall-clock budget for everything below
 START=$(date +%s)
 left() { echo $(( TOTAL_S - ($(date +%s) - START) )); }

@@ -26,3 +26,9 @@ gpu_env_header() {
   nvidia-smi --query-gpu=name,memory.total,memory.used,driver_version --format=csv 2>&1 | head -3
   ${PY:-python3} -c "import torch, transformers, peft; print('torch', torch.__version__, '| transformers', transformers.__version__, '| peft', peft.__version__, '|', torch.cuda.get_device_name())"
 }
+# the decode scripts' output folder ($OUT, default bench_out) and CUDA allocator setting (expandable segments)
+gpu_out_dir() {
+  OUT="${OUT:-bench_out}"
+  mkdir -p "$OUT"
+  export PYTORCH_CUDA_ALLOC_CONF="${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}"
+}

@@ -15,9 +15,7 @@
 set -u
 cd "$(dirname "$0")/.."
 . bench/gpu_env.sh
-OUT="${OUT:-bench_out}"
-mkdir -p "$OUT"
-export PYTORCH_CUDA_ALLOC_CONF="${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}"
+gpu_out_dir
 START=$(date +%s)
 
 {
