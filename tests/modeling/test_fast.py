@@ -556,6 +556,21 @@ def test_cpu_head_benchmark_runs(tmp_path):
 
 
 
+def test_cpu_attention_benchmark_runs(tmp_path):
+    """bench/cpu_attention.py (the measurement behind the CPU's fp32 KV cache) runs on a small shape and writes its
+    JSON with both caches timed per row count."""
+    import subprocess
+
+    out = tmp_path / "attn.json"
+    r = subprocess.run([sys.executable, str(Path(__file__).resolve().parents[2] / "bench" / "cpu_attention.py"),
+                        "--batches", "1,3", "--layers", "2", "--prompt-len", "8", "--steps", "4", "--reps", "1",
+                        "--threads", "1", "--json", str(out)], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    res = json.loads(out.read_text())
+    assert res["dtype"] == "bfloat16" and [x["rows"] for x in res["rows"]] == [1, 3]
+    assert all(x["half_us"] > 0 and x["fp32_us"] > 0 and x["half_over_fp32"] > 0 for x in res["rows"])
+
+
 def test_finished_rows_leave_the_batch(dense, lora):
     """Without CUDA graphs, rows that finished are compacted out of the batch (their cache rows too); the rows
     still running give the reference's tokens — greedy and sampled (each row keeps its own generator)."""

@@ -144,7 +144,8 @@ class FastFusedDecoder:
     sampler: "reference" (host `_pick`, identical samples to the reference path), "device" (in-graph, see
       `device_sample`) or "auto" (reference on the CPU, device on CUDA). bucket: attention-length granularity
       of the captured graphs. decode_attention: "bmm" (the measured default: scores in the cache's dtype — see
-      kv_cache_dtype —, fp32 softmax) or "sdpa" (PyTorch's fused attention, fp32 scores: closer to HF's sdpa path in bf16 on CUDA).
+      kv_cache_dtype —, fp32 softmax) or "sdpa" (PyTorch's fused attention, fp32 scores: closer to HF's sdpa
+      path in bf16 on CUDA).
     lora_precision: "auto" (LoRA terms in the model dtype for bf16/fp16 models — PEFT's fp32 terms are slow thin
       GEMMs on CUDA and on the CPU — else in the adapters' dtype, as PEFT), "adapter" (always PEFT's way) or
       "model" (always the model dtype, scale folded into B, one fused add).
@@ -183,9 +184,7 @@ class FastFusedDecoder:
         kv_cache_dtype: str = "auto",
     ):
         self.mix_before_head = bool(mix_before_head)
-        if kv_cache_dtype not in ("auto", "model", "float32"):
-            raise ValueError(f"kv_cache_dtype={kv_cache_dtype!r}: use auto, model or float32")
-        self.kv_cache_dtype = kv_cache_dtype
+        self.kv_cache_dtype = kv_cache_dtype  # checked by each Group
         if cpu_matmul not in ("auto", "rule") + CPU_FORMS:
             raise ValueError(f"cpu_matmul={cpu_matmul!r}: use auto, rule or one of {', '.join(CPU_FORMS)}")
         self.cpu_matmul = cpu_matmul

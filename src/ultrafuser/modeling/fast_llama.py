@@ -467,8 +467,8 @@ class Group:
                  lora_precision: str = "auto", cpu_matmul: str = "auto", kv_cache_dtype: str = "auto"):
         """members: [(hf_model, adapter_name | None)]; weights: 'copy' or 'refs'; attention (decode step): 'bmm'
         (scores in the cache's dtype — kv_cache_dtype — before an fp32 softmax: with the model dtype, like HF
-        eager attention) or 'sdpa' (PyTorch's
-        fused kernel: fp32 scores and softmax, like HF's default sdpa attention on CUDA); cpu_matmul: how the
+        eager attention) or 'sdpa' (PyTorch's fused kernel: fp32 scores and softmax, like HF's default sdpa
+        attention on CUDA); cpu_matmul: how the
         decode step's matmuls run on the CPU — 'auto' (oneDNN-packed copies where available; fp32: the form
         measured per batch size, see CPU_FORMS), 'rule' (plain copies and the fixed rule of CPU_FEW_ROWS, as
         before packing), or one of CPU_FORMS wherever available ('copies' also means plain copies)."""
@@ -570,8 +570,8 @@ class Group:
         # The decode step's attention dtype (and the cache's). "auto": on the CPU, bf16 / fp16 models keep their
         # keys and values in fp32 (the values the model computed, exactly: widening rounds nothing) and attend in
         # fp32 — oneDNN's half-precision batched matmuls this small cost a fixed ~40-130 us each, and the
-        # attention length, so the shape, changes every step; the fp32 ones were 2.3-3.6x faster on a 2-core
-        # AVX-512-bf16 VM (`python bench/cpu_attention.py`). The cache takes twice the bytes; scores are not
+        # attention length, so the shape, changes every step; the fp32 ones were 1.15-2.9x faster at 1-12 rows on
+        # a 2-core AVX-512-bf16 VM (`python bench/cpu_attention.py`; bench/results/cpu_attention_bf16.json). The cache takes twice the bytes; scores are not
         # rounded to the model dtype (closer to fp32 than HF's eager bf16 attention). CUDA keeps the model dtype
         # (bandwidth-bound there). "model" / "float32" force one.
         half_cpu = dev.type == "cpu" and dt in (torch.bfloat16, torch.float16)
