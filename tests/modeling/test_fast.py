@@ -540,33 +540,30 @@ def test_onehot_baselines_through_the_fast_path(lora):
     assert "_ultrafuser_onehot_views" not in model.__dict__
 
 
-def test_cpu_head_benchmark_runs(tmp_path):
-    """bench/cpu_head.py (the LM-head layout measurement) runs on a tiny shape and writes its JSON."""
+def run_bench_script(name: str, args: list[str], out: Path) -> dict:
+    """Run bench/<name> as a script with `--json out`; return the JSON it wrote."""
     import subprocess
 
-    out = tmp_path / "head.json"
-    r = subprocess.run([sys.executable, str(Path(__file__).resolve().parents[2] / "bench" / "cpu_head.py"),
-                        "--vocab", "512", "--hidden", "64", "--rows", "1,8", "--reps", "2", "--threads", "1",
-                        "--dtype", "bfloat16", "--json", str(out)], capture_output=True, text=True, timeout=120)
+    r = subprocess.run([sys.executable, str(Path(__file__).resolve().parents[2] / "bench" / name), *args,
+                        "--json", str(out)], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
-    res = json.loads(out.read_text())
+    return json.loads(out.read_text())
+
+
+def test_cpu_head_benchmark_runs(tmp_path):
+    """bench/cpu_head.py (the LM-head layout measurement) runs on a tiny shape and writes its JSON."""
+    res = run_bench_script("cpu_head.py", ["--vocab", "512", "--hidden", "64", "--rows", "1,8", "--reps", "2",
+                                           "--threads", "1", "--dtype", "bfloat16"], tmp_path / "head.json")
     assert res["dtype"] == "bfloat16" and [x["rows"] for x in res["rows"]] == [1, 8]
     assert all(x["linear_ms"] > 0 and x["w_ht_ms"] > 0 and x["copy_ms"] > 0 and x["w_xt_padded_ms"] > 0
                for x in res["rows"])
 
 
-
 def test_cpu_attention_benchmark_runs(tmp_path):
     """bench/cpu_attention.py (the measurement behind the CPU's fp32 KV cache) runs on a small shape and writes its
     JSON with both caches timed per row count."""
-    import subprocess
-
-    out = tmp_path / "attn.json"
-    r = subprocess.run([sys.executable, str(Path(__file__).resolve().parents[2] / "bench" / "cpu_attention.py"),
-                        "--batches", "1,3", "--layers", "2", "--prompt-len", "8", "--steps", "4", "--reps", "1",
-                        "--threads", "1", "--json", str(out)], capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0, r.stderr[-2000:]
-    res = json.loads(out.read_text())
+    res = run_bench_script("cpu_attention.py", ["--batches", "1,3", "--layers", "2", "--prompt-len", "8", "--steps",
+                                                "4", "--reps", "1", "--threads", "1"], tmp_path / "attn.json")
     assert res["dtype"] == "bfloat16" and [x["rows"] for x in res["rows"]] == [1, 3]
     assert all(x["half_us"] > 0 and x["fp32_us"] > 0 and x["half_over_fp32"] > 0 for x in res["rows"])
 
