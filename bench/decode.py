@@ -7,7 +7,8 @@
 What it does (docs/performance.md §4): measures the copy bandwidth; builds N random-weight models of a real shape
 directly on the device (normal init, small std, never zeros); runs, per batch size, interleaved after warm-up
 (A B C D A B C D …): naive-single, naive-fused, fast-single, fast-fused (+ fast-fused-refs where the fast path
-copies weights), then the LoRA-shared phase (one base + 2 adapters: naive-lora, fast-lora, fast-single);
+copies weights), then the LoRA-shared phase (one base, an adapter per specialist — `--lora-adapters 2` leaves the
+first one the bare base —: naive-lora, fast-lora, fast-single);
 times every step through the generation stream (host clocks after the per-step sync: the token ids must reach
 the host); reports the median ms/step, tok/s, the fraction of the floor (bytes_step / bandwidth with
 bytes_step = N × (params × bytes + KV bytes), LoRA: base + adapters + N × KV) and performance.md's ratios;
@@ -206,14 +207,15 @@ def make_fused(models, adapters=None, gate: str = "learned", seed: int = 0):
     return fused.eval()
 
 
-def add_lora(base, rank: int, std: float):
-    """Inject two random LoRA adapters ("code", "math") into `base` in place, PEFT style; return the base."""
+def add_lora(base, rank: int, std: float, names=("code", "math")):
+    """Inject random LoRA adapters (one per name) into `base` in place, PEFT style; return the base."""
     from peft import LoraConfig, get_peft_model
 
     targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     cfg = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=targets, init_lora_weights=False)
-    peft = get_peft_model(base, cfg, adapter_name="code")
-    peft.add_adapter("math", cfg)
+    peft = get_peft_model(base, cfg, adapter_name=names[0])
+    for n in names[1:]:
+        peft.add_adapter(n, cfg)
     g = torch.Generator(device=base.device).manual_seed(7)
     with torch.no_grad():
         for n, p in peft.named_parameters():
@@ -486,6 +488,8 @@ class Bench:
                 rt[f"fast_{m}_speedup_vs_kv_cache_in_model_dtype"] = round(ms(f"fast-{m}-kvmodel") / ms(f"fast-{m}"), 3)
         if ms("fast-lora") and ms("fast-lora-memberheads"):
             rt["fast_lora_speedup_vs_member_heads"] = round(ms("fast-lora-memberheads") / ms("fast-lora"), 3)
+        if ms("fast-lora") and ms("fast-lora-lowp"):
+            rt["fast_lora_speedup_vs_lora_terms_in_model_dtype"] = round(ms("fast-lora-lowp") / ms("fast-lora"), 3)
         if ms("fast-lora-kvmodel") and ms("fast-single-kvmodel"):
             rt["lora_shared_tput_vs_single_kv_cache_in_model_dtype"] = round(
                 ms("fast-single-kvmodel") / ms("fast-lora-kvmodel"), 3)
@@ -501,6 +505,7 @@ class Bench:
             ("fast-single", "naive-single"),
             ("fast-lora", "naive-lora"),
             ("fast-lora-memberheads", "naive-lora"),
+            ("fast-lora-lowp", "naive-lora"),
             ("fast-fused-refs", "naive-fused"),
             ("fast-fused-sdpa", "naive-fused"),
         ):
@@ -643,7 +648,7 @@ class Bench:
             return kv_token * B * (a.prompt_len + a.steps // 2)
 
         def bytes_of(mode, B):
-            for tag in ("-eager", "-refs", "-sdpa", "-kvmodel", "-memberheads"):
+            for tag in ("-eager", "-refs", "-sdpa", "-kvmodel", "-memberheads", "-lowp"):
                 mode = mode.replace(tag, "")
             n = 1 if mode.endswith("single") else N_SPEC
             if mode.endswith("lora"):
@@ -757,7 +762,7 @@ class Bench:
                         torch.cuda.empty_cache()
             self.save()
 
-        # ---- LoRA-shared phase: base = model 0 + two adapters; the other two models are freed first
+        # ---- LoRA-shared phase: base = model 0 + --lora-adapters adapters; the other two models are freed first
         if a.lora_rank and self.left() > a.reserve_s + 10:
             if not a.lora_only:
                 del modes, fused, decs
@@ -767,10 +772,12 @@ class Bench:
             if dev.type == "cuda":
                 torch.cuda.empty_cache()
             try:
-                base = add_lora(models[0], a.lora_rank, std=SHAPES[shape]["std"])
+                names = DOMAINS[N_SPEC - a.lora_adapters:]
+                base = add_lora(models[0], a.lora_rank, std=SHAPES[shape]["std"], names=names)
                 self.lora_bytes = model_bytes([base])
                 so["lora"] = {
                     "rank": a.lora_rank,
+                    "adapters": [n or "(bare base)" for n in [None] * (N_SPEC - a.lora_adapters) + list(names)],
                     "targets": "q,k,v,o,gate,up,down",
                     "adapter_bytes": self.lora_bytes - P,
                 }
@@ -784,7 +791,7 @@ class Bench:
                     lweights = "copy" if need < free else "refs"
                     self.log(f"lora phase: free {free / 2**30:.0f} GiB: fast weights={lweights}")
                 so["lora"]["fast_weights"] = lweights
-                lfused = make_fused([base] * N_SPEC, adapters=[None, "code", "math"])
+                lfused = make_fused([base] * N_SPEC, adapters=[None] * (N_SPEC - a.lora_adapters) + list(names))
                 lsingle = make_fused([base], adapters=[None], gate="uniform")
                 ldec = FastFusedDecoder(lfused, max_batch=mb, max_len=max_len, weights=lweights, **fkw)
                 single_dec = FastFusedDecoder(lsingle, max_batch=mb, max_len=max_len, weights=lweights, **fkw)
@@ -805,6 +812,10 @@ class Bench:
                         md = FastFusedDecoder(lfused, max_batch=mb, max_len=max_len, weights=lweights,
                                               mix_before_head=False, **fkw)
                         lmodes["fast-lora-memberheads"] = lambda p, s, md=md: md.stream(p, s)
+                    if a.also_lora_model:
+                        lp = FastFusedDecoder(lfused, max_batch=mb, max_len=max_len, weights=lweights,
+                                              **{**fkw, "lora_precision": "model"})
+                        lmodes["fast-lora-lowp"] = lambda p, s, lp=lp: lp.stream(p, s)
                 lso = so.setdefault("lora_phase", {})
                 self.phase(lso, f"{shape} lora", lmodes, batches, dev, bytes_of, a.reps)
                 so["lora"]["cpu_matmul"] = {"lora": ldec.cpu_matmul_choices(),
@@ -918,6 +929,12 @@ def main(argv=None):
     ap.add_argument("--also-member-heads", action="store_true",
                     help="also time LoRA-shared with mix_before_head=False (every member's logits formed; mode "
                          "fast-lora-memberheads), side by side")
+    ap.add_argument("--lora-adapters", type=int, default=3, choices=[1, 2, 3],
+                    help="how many of the three LoRA-shared specialists have an adapter (default 3, like the "
+                         "embedded default; 2: the first is the bare base, as in runs before 2026-11-27)")
+    ap.add_argument("--also-lora-model", action="store_true",
+                    help="also time LoRA-shared with lora_precision='model' (mode fast-lora-lowp: every low-rank "
+                         "product in the model dtype, B too), side by side")
     ap.add_argument("--lora-only", action="store_true",
                     help="build one model and run only the LoRA-shared phase (single vs LoRA-shared)")
     ap.add_argument(

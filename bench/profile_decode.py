@@ -5,8 +5,9 @@
 Builds random models of a real shape from bench/decode.py (depth truncated with --layers: per-layer costs are
 what matters), runs the fast decoder (CUDA graphs on a GPU) and, for comparison, the same step with graphs off,
 then profiles `--steps` steps and prints the kernels / operators that took the most device (or CPU) time.
-Modes: `single` (one model), `dense` (three models), `lora` (one base + two LoRA adapters, r = --rank),
-`lora-nolora` (the same group with its low-rank terms dropped: what the adapters add).
+Modes: `single` (one model), `dense` (three models), `lora` (one base + a LoRA adapter per specialist, r = --rank;
+`--adapters 2`: the first is the bare base), `lora-nolora` (the same group with its low-rank terms dropped: what the
+adapters add).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from decode import SHAPES, add_lora, build_models, first_only, make_fused, make_prompts, sync
+from decode import DOMAINS, SHAPES, add_lora, build_models, first_only, make_fused, make_prompts, sync
 
 
 def build(args, dev, dtype):
@@ -30,9 +31,10 @@ def build(args, dev, dtype):
     n = 3 if args.mode == "dense" else 1
     models = build_models(args.shape, n, dev, dtype)
     if args.mode.startswith("lora"):
-        base = add_lora(models[0], args.rank, std=SHAPES[args.shape]["std"])
+        names = DOMAINS[3 - args.adapters:]
+        base = add_lora(models[0], args.rank, std=SHAPES[args.shape]["std"], names=names)
         # lora-nolora: the same three rows per prompt through the shared base, no member with an adapter
-        adapters = [None, None, None] if args.mode == "lora-nolora" else [None, "code", "math"]
+        adapters = [None, None, None] if args.mode == "lora-nolora" else [None] * (3 - args.adapters) + names
         fused = make_fused([base] * 3, adapters=adapters)
     elif args.mode == "dense":
         fused = make_fused(models)
@@ -92,6 +94,8 @@ def main(argv=None):
     ap.add_argument("--mode", default="lora", choices=["single", "dense", "lora", "lora-nolora"])
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--rank", type=int, default=16)
+    ap.add_argument("--adapters", type=int, default=3, choices=[1, 2, 3],
+                    help="lora modes: how many of the three specialists have an adapter (2: the first is the bare base)")
     ap.add_argument("--prompt-len", type=int, default=256)
     ap.add_argument("--steps", type=int, default=32)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

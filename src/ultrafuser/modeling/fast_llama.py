@@ -36,6 +36,11 @@ log = logging.getLogger(__name__)
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 _SEQ_DEPENDENT_ROPE = ("dynamic", "longrope")
 NEG_INF = float("-inf")
+# CPU, half-precision model, LoRA-shared group: with at most this many rows per member (a decode step of batch <= 4)
+# the (x·A)·B products run in fp32 (Proj._b_pieces), more rows (prefill, big batches) one half-precision baddbmm_.
+# oneDNN's half-precision GEMMs this small (K = 16-48) have a fixed ~15-25 us floor that fp32 ones don't; from 8 rows
+# on the fp32 ones lose (bench/decode.py --also-lora-model: see docs/benchmarks.md).
+CPU_FP32_B_ROWS = 4
 # On the CPU, fp32 matmuls with at most this many rows use the (in, out) copies, more rows the models' own
 # (out, in) weights: MKL measured 1.7-2.2x faster the first way at 1-3 rows and ~1.25x slower at 12 rows (2-core
 # AVX2 VM). bf16 / fp16 (oneDNN; 2-core AVX-512-bf16 VM, `python bench/cpu_head.py --dtype bfloat16`): the (in, out)
@@ -102,6 +107,12 @@ def w_xt(w: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
     if x2.shape[0] == 1:
         return torch.mm(w, torch.cat([x2, x2.new_zeros(x2.shape)]).t())[:, :1]
     return torch.mm(w, x2.t())
+
+
+def _contiguous_as(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """x contiguous in `dtype` with one copy at most (layout and dtype at once: a `to` keeps a permuted layout, and
+    with a same-dtype `to` memory_format is ignored)."""
+    return x.to(dtype, memory_format=torch.contiguous_format) if x.dtype != dtype else x.contiguous()
 
 
 def in_out_copies(device) -> bool:
@@ -297,7 +308,8 @@ class Proj:
         self.few_rows = cpu_few_rows(dtype)
         # batched LoRA: A (G, in, R), B (G, R, out), per-output-column scale (G, 1, out); zeros where absent
         found = [[lora_parts(m, a) for m in p] for p, a in zip(parts, adapters)]
-        self.lora = None
+        self.lora = lora_full = None
+        self.b32 = None  # CPU, shared, model-dtype LoRA: fp32 B pieces for (x·A)·B (see _b_pieces)
         self.Wt_ext = self.W_ext = self.b_ext = None
         if any(x is not None for f in found for x in f):
             ldt = next(x[0].dtype for f in found for x in f if x is not None)
@@ -305,15 +317,18 @@ class Proj:
             A = torch.zeros((G, inp, R), device=device, dtype=ldt)
             Bm = torch.zeros((G, R, out), device=device, dtype=ldt)
             S = torch.zeros((G, 1, out), device=device, dtype=ldt)
+            spans: list = [None] * len(self.outs)  # rows of module j's adapters, over all members
             for g, f in enumerate(found):
                 r0, o0 = 0, 0
-                for x, n_out in zip(f, self.outs):
+                for j, (x, n_out) in enumerate(zip(f, self.outs)):
                     if x is not None:
                         a, bw, s = x
                         r = a.shape[0]
                         A[g, :, r0 : r0 + r].copy_(a.t())
                         Bm[g, r0 : r0 + r, o0 : o0 + n_out].copy_(bw.t())
                         S[g, 0, o0 : o0 + n_out] = s
+                        sp = spans[j]
+                        spans[j] = (r0, r0 + r) if sp is None else (min(sp[0], r0), max(sp[1], r0 + r))
                         r0 += r
                     o0 += n_out
             # With a half-precision model the low-rank terms run in the model dtype (fp32 accumulation inside
@@ -345,6 +360,7 @@ class Proj:
                 if self.b is not None:
                     self.b_ext = torch.cat([self.b, self.b.new_zeros(G * self.lora[0].shape[2])])
                 self.a_in_base = True
+            lora_full = (Bm * S, spans)
         if packed:
             mats = list(to_pack)  # (out, in) per member
             b_P = None if self.b is None else list(self.b.unsqueeze(0) if shared else self.b)
@@ -357,6 +373,23 @@ class Proj:
             self.P = [mkldnn_pack(m) for m in mats]
             self.b_P = b_P
             del to_pack, mats
+        if self.a_in_base and cpu and lora_precision == "auto":  # "model": the B products in the model dtype too
+            self.b32 = self._b_pieces(*lora_full, self.outs)
+
+    @staticmethod
+    def _b_pieces(BS: torch.Tensor, spans: list, outs: list[int]) -> list[tuple[int, int, int, int, torch.Tensor]]:
+        """[(row0, row1, col0, col1, B·scale in fp32 (G, rows, cols))] per adapted module: the batched B without its
+        zero blocks, for the CPU's fp32 products (see `_finish_lora`). spans[j]: the rows module j's adapters take
+        (min start, max end over the members), None where no member adapts module j. One piece per module rather
+        than one zero-padded product per projection: fewer bytes to read (the pieces come from memory every step)
+        — at batch 4 1.5 % faster a step, at batch 1 1.5 % slower (SmolLM2 shape, r = 16, three adapters; an
+        interleaved A/B of the two layouts on the 2-core VM, not kept as a switch)."""
+        pieces, o0 = [], 0
+        for span, n in zip(spans, outs):
+            if span is not None:
+                pieces.append((span[0], span[1], o0, o0 + n, BS[:, span[0] : span[1], o0 : o0 + n].float().contiguous()))
+            o0 += n
+        return pieces
 
     @property
     def forms(self) -> tuple[str, ...]:
@@ -386,11 +419,22 @@ class Proj:
         """ye (G·M, out + G·R): the base's product with every member's x·A as extra columns -> (G, M, out).
 
         Row block g keeps its own member's R columns of x·A (a strided view, no copy) and adds (x·A_g)·B_g in place
-        into the base's columns: one batched GEMM with beta = 1, no copy of the output."""
+        into the base's columns: one batched GEMM with beta = 1, no copy of the output — or, in a CPU decode step,
+        one fp32 bmm per adapted module (`b32`) added into its columns."""
         R = self.lora[0].shape[2]
-        out = ye.shape[1] - G * R
-        xa = ye[:, out:].view(G, M, G, R).diagonal(dim1=0, dim2=2).permute(2, 0, 1)  # member g's x·A_g
-        return ye[:, :out].view(G, M, out).baddbmm_(xa, self.lora[1])
+        rs = ye.shape[1]
+        out, o = rs - G * R, ye.storage_offset()
+        # member g's x·A_g: row block g, columns out + g·R ... (a strided view, no copy)
+        xa = ye.as_strided((G, M, R), (M * rs + R, rs, 1), o + out)
+        y = ye.as_strided((G, M, out), (M * rs, rs, 1), o)
+        if self.b32 is None or M > CPU_FP32_B_ROWS:
+            return y.baddbmm_(xa, self.lora[1])
+        # CPU decode steps (few rows per member, see CPU_FP32_B_ROWS): fp32 products, one per piece of B, added
+        # into the base's output (see _b_pieces); B·scale stays fp32 (exact).
+        xa = xa.float()
+        for r0, r1, c0, c1, b in self.b32:
+            y[..., c0:c1].add_(torch.bmm(xa[..., r0:r1], b))
+        return y
 
     def _w_xt(self, x: torch.Tensor) -> torch.Tensor:
         """W·xᵀ on the models' own (out, in) weights, transposed back to (rows, out)."""
@@ -806,7 +850,7 @@ class Group:
             vc.index_copy_(3, cur, v.permute(1, 0, 3, 2, 4).to(kd))
             kv_k = kc[:, :, :, :t_attn].view(B * G * Hkv, t_attn, D)  # a view: the cache is never copied
             kv_v = vc[:, :, :, :t_attn].view(B * G * Hkv, t_attn, D)
-            qh = q.reshape(G, B, Hkv, self.rep, D).transpose(0, 1).reshape(B * G * Hkv, self.rep, D).to(kd)
+            qh = _contiguous_as(q.reshape(G, B, Hkv, self.rep, D).transpose(0, 1), kd).view(B * G * Hkv, self.rep, D)
             if self.attention == "sdpa":
                 # GQA without copying the cache: a kv head's `rep` query heads are SDPA's query positions
                 o = F.scaled_dot_product_attention(
@@ -816,7 +860,7 @@ class Group:
                 s = torch.baddbmm(bias, qh, kv_k.transpose(1, 2), alpha=self.scaling)  # scale·qKᵀ + mask
                 p = torch.softmax(s, dim=-1, dtype=torch.float32).to(kd)  # (BGHkv, rep, T)
                 o = torch.bmm(p, kv_v)  # (BGHkv, rep, D)
-            o = o.to(a.dtype).view(B, G, a.heads * D).transpose(0, 1)  # (G, B, Hq*D)
+            o = _contiguous_as(o.view(B, G, a.heads * D).transpose(0, 1), a.dtype)  # (G, B, Hq*D)
             x = self._layer_rest(Lw, x, o, pf)
         h = self._norm(x, self.norm)[:, :, 0]
         return h, self._head(h, hf) if logits else None
