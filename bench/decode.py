@@ -488,6 +488,8 @@ class Bench:
                 rt[f"fast_{m}_speedup_vs_kv_cache_in_model_dtype"] = round(ms(f"fast-{m}-kvmodel") / ms(f"fast-{m}"), 3)
         if ms("fast-lora") and ms("fast-lora-memberheads"):
             rt["fast_lora_speedup_vs_member_heads"] = round(ms("fast-lora-memberheads") / ms("fast-lora"), 3)
+        if ms("fast-lora-noadapters") and ms("fast-single"):
+            rt["no_adapters_tput_vs_single"] = round(ms("fast-single") / ms("fast-lora-noadapters"), 3)
         if ms("fast-lora") and ms("fast-lora-lowp"):
             rt["fast_lora_speedup_vs_lora_terms_in_model_dtype"] = round(ms("fast-lora-lowp") / ms("fast-lora"), 3)
         if ms("fast-lora-kvmodel") and ms("fast-single-kvmodel"):
@@ -648,7 +650,7 @@ class Bench:
             return kv_token * B * (a.prompt_len + a.steps // 2)
 
         def bytes_of(mode, B):
-            for tag in ("-eager", "-refs", "-sdpa", "-kvmodel", "-memberheads", "-lowp"):
+            for tag in ("-eager", "-refs", "-sdpa", "-kvmodel", "-memberheads", "-lowp", "-noadapters"):
                 mode = mode.replace(tag, "")
             n = 1 if mode.endswith("single") else N_SPEC
             if mode.endswith("lora"):
@@ -816,6 +818,10 @@ class Bench:
                         lp = FastFusedDecoder(lfused, max_batch=mb, max_len=max_len, weights=lweights,
                                               **{**fkw, "lora_precision": "model"})
                         lmodes["fast-lora-lowp"] = lambda p, s, lp=lp: lp.stream(p, s)
+                    if a.also_no_adapters:  # the same three rows per prompt through the base, no low-rank terms
+                        na = FastFusedDecoder(make_fused([base] * N_SPEC, adapters=[None] * N_SPEC), max_batch=mb,
+                                              max_len=max_len, weights=lweights, **fkw)
+                        lmodes["fast-lora-noadapters"] = lambda p, s, na=na: na.stream(p, s)
                 lso = so.setdefault("lora_phase", {})
                 self.phase(lso, f"{shape} lora", lmodes, batches, dev, bytes_of, a.reps)
                 so["lora"]["cpu_matmul"] = {"lora": ldec.cpu_matmul_choices(),
@@ -935,6 +941,9 @@ def main(argv=None):
     ap.add_argument("--also-lora-model", action="store_true",
                     help="also time LoRA-shared with lora_precision='model' (mode fast-lora-lowp: every low-rank "
                          "product in the model dtype, B too), side by side")
+    ap.add_argument("--also-no-adapters", action="store_true",
+                    help="also time the LoRA-shared group with no adapter at all (mode fast-lora-noadapters: three "
+                         "rows per prompt through the base, no low-rank terms: what the adapters themselves cost)")
     ap.add_argument("--lora-only", action="store_true",
                     help="build one model and run only the LoRA-shared phase (single vs LoRA-shared)")
     ap.add_argument(

@@ -427,13 +427,15 @@ def test_benchmark_script_cpu_tiny(tmp_path):
 
 def test_benchmark_script_lora_only_with_model_dtype_terms(tmp_path):
     """`--lora-only` builds one model and times only the LoRA-shared phase; with `--lora-precision model` the fp32
-    tiny run takes the A-in-the-base path and its greedy tokens still equal the reference's."""
+    tiny run takes the A-in-the-base path and its greedy tokens still equal the reference's. `--lora-adapters 2`
+    leaves the first specialist the bare base; `--also-no-adapters` times the group with no adapter at all."""
     bench = load_bench_decode()
     out = tmp_path / "decode.json"
     n = torch.get_num_threads()
     try:
         bench.main(["--shape", "tiny", "--device", "cpu", "--json", str(out), "--steps", "16", "--batches", "2",
-                    "--prompt-len", "12", "--lora-rank", "4", "--lora-only", "--lora-precision", "model"])
+                    "--prompt-len", "12", "--lora-rank", "4", "--lora-only", "--lora-precision", "model",
+                    "--lora-adapters", "2", "--also-no-adapters"])
     finally:
         torch.set_num_threads(n)
     d = json.loads(out.read_text())
@@ -443,18 +445,21 @@ def test_benchmark_script_lora_only_with_model_dtype_terms(tmp_path):
     lb = s["lora_phase"]["batch2"]
     assert lb["token_checks"]["fast-lora==naive-lora"]["exact"]
     assert lb["fast-lora"]["ms_step"] > 0 and "lora_shared_vs_one_model" in lb["ratios"]
+    assert s["lora"]["adapters"] == ["(bare base)", "code", "math"]
+    assert lb["fast-lora-noadapters"]["ms_step"] > 0 and lb["ratios"]["no_adapters_tput_vs_single"] > 0
 
 
 def test_benchmark_script_bf16_cache_side_by_side(tmp_path):
     """`--dtype bfloat16 --also-kv-model` times the fast decoders with the cache in fp32 (the CPU default) and in
-    bf16 side by side and reports what the fp32 cache gains."""
+    bf16 side by side and reports what the fp32 cache gains; `--also-lora-model` the same for the low-rank products
+    (fp32 (x·A)·B pieces by default on the CPU vs all in bf16), every specialist with its own adapter."""
     bench = load_bench_decode()
     out = tmp_path / "decode.json"
     n = torch.get_num_threads()
     try:
         bench.main(["--shape", "tiny", "--device", "cpu", "--dtype", "bfloat16", "--json", str(out), "--steps", "8",
                     "--batches", "2", "--prompt-len", "12", "--lora-rank", "4", "--lora-only", "--also-kv-model",
-                    "--paths", "fast"])
+                    "--also-lora-model", "--paths", "fast"])
     finally:
         torch.set_num_threads(n)
     d = json.loads(out.read_text())
@@ -463,6 +468,8 @@ def test_benchmark_script_bf16_cache_side_by_side(tmp_path):
     assert all(lb[m]["ms_step"] > 0 for m in ("fast-lora", "fast-single", "fast-lora-kvmodel", "fast-single-kvmodel"))
     r = lb["ratios"]
     assert r["fast_lora_speedup_vs_kv_cache_in_model_dtype"] > 0 and r["fast_single_speedup_vs_kv_cache_in_model_dtype"] > 0
+    assert lb["fast-lora-lowp"]["ms_step"] > 0 and r["fast_lora_speedup_vs_lora_terms_in_model_dtype"] > 0
+    assert d["shapes"]["tiny"]["lora"]["adapters"] == ["text", "code", "math"]
 
 
 def test_kv_cache_dtype_fp32_for_half_models_on_the_cpu(tiny_dir):
@@ -632,6 +639,16 @@ def test_cpu_attention_benchmark_runs(tmp_path):
     res = run_bench_script("cpu_attention.py", ["--batches", "1,3", "--layers", "2", "--prompt-len", "8", "--steps",
                                                 "4", "--reps", "1", "--threads", "1"], tmp_path / "attn.json")
     assert res["dtype"] == "bfloat16" and [x["rows"] for x in res["rows"]] == [1, 3]
+    assert all(x["half_us"] > 0 and x["fp32_us"] > 0 and x["half_over_fp32"] > 0 for x in res["rows"])
+
+
+def test_cpu_lora_b_benchmark_runs(tmp_path):
+    """bench/cpu_lora_b.py (the measurement behind CPU_FP32_B_ROWS) runs on a small shape and writes its JSON with
+    both ways timed per row count."""
+    res = run_bench_script("cpu_lora_b.py", ["--rows", "1,8", "--layers", "2", "--hidden", "64", "--inter", "128",
+                                             "--kv-out", "32", "--rank", "4", "--reps", "1", "--threads", "1"],
+                           tmp_path / "lora_b.json")
+    assert res["dtype"] == "bfloat16" and [x["rows_per_member"] for x in res["rows"]] == [1, 8]
     assert all(x["half_us"] > 0 and x["fp32_us"] > 0 and x["half_over_fp32"] > 0 for x in res["rows"])
 
 

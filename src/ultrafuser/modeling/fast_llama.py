@@ -37,9 +37,11 @@ SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 _SEQ_DEPENDENT_ROPE = ("dynamic", "longrope")
 NEG_INF = float("-inf")
 # CPU, half-precision model, LoRA-shared group: with at most this many rows per member (a decode step of batch <= 4)
-# the (x·A)·B products run in fp32 (Proj._b_pieces), more rows (prefill, big batches) one half-precision baddbmm_.
-# oneDNN's half-precision GEMMs this small (K = 16-48) have a fixed ~15-25 us floor that fp32 ones don't; from 8 rows
-# on the fp32 ones lose (bench/decode.py --also-lora-model: see docs/benchmarks.md).
+# the (x·A)·B products run in fp32, one per adapted module (Proj._b_pieces); more rows (prefill, big batches): one
+# half-precision baddbmm_. oneDNN's half-precision GEMMs this small (K = 16-48) have a fixed floor that fp32 ones
+# don't: `python bench/cpu_lora_b.py` (SmolLM2 shape, 3 members, r 16; bench/results/cpu_lora_b_bf16.json) measured
+# bf16 / fp32 = 1.35, 1.16, 1.10, 1.03, 0.90 at 1, 2, 4, 8, 16 rows per member; inside the decode step the fp32 way
+# was 1.10x (batch 1) and 1.03x (batch 4) faster (bench/decode.py --also-lora-model; docs/benchmarks.md).
 CPU_FP32_B_ROWS = 4
 # On the CPU, fp32 matmuls with at most this many rows use the (in, out) copies, more rows the models' own
 # (out, in) weights: MKL measured 1.7-2.2x faster the first way at 1-3 rows and ~1.25x slower at 12 rows (2-core

@@ -1,0 +1,113 @@
+"""The LoRA-shared group's (x·A)·B on the CPU, per layer, the measurement behind `fast_llama.CPU_FP32_B_ROWS`: the
+base's product `ye` (G·M rows; each member's x·A as G·R extra columns) gets every member's (x·A_g)·B_g added into
+its output columns, two ways —
+
+- half: one half-precision `baddbmm_` over the zero-padded batched B (G, R, out) per projection (the way for many
+  rows, and on CUDA);
+- fp32: one fp32 `bmm` per adapted module on B·scale in fp32, added into the module's columns (the CPU decode step's
+  way up to CPU_FP32_B_ROWS rows per member).
+
+Default shape: SmolLM2-135M with r-16 adapters on all seven projections (q|k|v, o, gate|up, down), three members;
+`--rows` counts rows per member (a decode step's batch). Every layer has its own B, so they come from memory as in
+a real step; the other work of a step is not there, so absolute times are lower than inside one.
+
+    python bench/cpu_lora_b.py [--rows 1,2,4,8,16 --members 3 --rank 16 --dtype bfloat16 --json OUT.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+
+import torch
+
+
+def layer_us(M: int, G: int, r: int, hidden: int, inter: int, q_out: int, kv_out: int, layers: int, reps: int,
+             half) -> dict:
+    """Mean µs per layer of the four projections' B terms, both ways, interleaved; the best of `reps`."""
+    gen = torch.Generator().manual_seed(0)
+    projs = [[q_out, kv_out, kv_out], [hidden], [inter, inter], [hidden]]  # module widths per projection
+    data = []
+    for _ in range(layers):
+        per = []
+        for outs in projs:
+            out, R = sum(outs), r * len(outs)
+            B = torch.zeros((G, R, out))
+            pieces, o0 = [], 0
+            for j, n in enumerate(outs):
+                blk = torch.randn((G, r, n), generator=gen) * 0.02
+                B[:, j * r : (j + 1) * r, o0 : o0 + n] = blk
+                pieces.append((j * r, (j + 1) * r, o0, o0 + n, blk.contiguous()))
+                o0 += n
+            ye = torch.randn((G * M, out + G * R), generator=gen).to(half)
+            per.append((ye, out, R, B.to(half), pieces))
+        data.append(per)
+
+    def views(ye, out, R):
+        rs = ye.shape[1]
+        return ye.as_strided((G, M, R), (M * rs + R, rs, 1), out), ye.as_strided((G, M, out), (M * rs, rs, 1), 0)
+
+    def run_half():
+        for per in data:
+            for ye, out, R, Bh, _ in per:
+                xa, y = views(ye, out, R)
+                y.baddbmm_(xa, Bh)
+
+    def run_fp32():
+        for per in data:
+            for ye, out, R, _, pieces in per:
+                xa, y = views(ye, out, R)
+                xa = xa.float()
+                for r0, r1, c0, c1, b in pieces:
+                    y[..., c0:c1].add_(torch.bmm(xa[..., r0:r1], b))
+
+    best = {"half": float("inf"), "fp32": float("inf")}
+    for run in (run_half, run_fp32):  # warm-up
+        run()
+    for _ in range(reps):
+        for name, run in (("half", run_half), ("fp32", run_fp32)):
+            t0 = time.perf_counter()
+            run()
+            best[name] = min(best[name], (time.perf_counter() - t0) / layers * 1e6)
+    return best
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--rows", default="1,2,4,8,16", help="rows per member (a decode step's batch)")
+    ap.add_argument("--members", type=int, default=3)
+    ap.add_argument("--rank", type=int, default=16)
+    ap.add_argument("--hidden", type=int, default=576)
+    ap.add_argument("--inter", type=int, default=1536)
+    ap.add_argument("--kv-out", type=int, default=192, help="k / v projection width (KV heads x head dim)")
+    ap.add_argument("--layers", type=int, default=30)
+    ap.add_argument("--reps", type=int, default=5, help="interleaved repetitions; the best is reported")
+    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
+    ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    ap.add_argument("--json")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    half = getattr(torch, args.dtype)
+    rows = []
+    print(f"# CPU {platform.machine()}, {args.threads} threads, torch {torch.__version__}, {args.dtype}; "
+          f"µs per layer (4 projections, {args.members} members, r {args.rank}; best of {args.reps})")
+    print(f"{'rows':>5} {'half':>9} {'fp32':>9} {'half/fp32':>10}")
+    with torch.no_grad():
+        for m in [int(x) for x in args.rows.split(",")]:
+            b = layer_us(m, args.members, args.rank, args.hidden, args.inter, args.hidden, args.kv_out, args.layers,
+                         args.reps, half)
+            r = {"rows_per_member": m, "half_us": round(b["half"], 1), "fp32_us": round(b["fp32"], 1),
+                 "half_over_fp32": round(b["half"] / b["fp32"], 2)}
+            rows.append(r)
+            print(f"{m:5d} {r['half_us']:9.1f} {r['fp32_us']:9.1f} {r['half_over_fp32']:10.2f}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"machine": platform.machine(), "threads": args.threads, "torch": torch.__version__,
+                       "dtype": args.dtype, "args": vars(args), "rows": rows}, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
