@@ -12,11 +12,11 @@ twice the bytes, so at long lengths its advantage shrinks.
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import time
 
 import torch
+
+from cpu_micro import add_row, parse, write_json
 
 
 def step_us(rows: int, kv_heads: int, rep: int, head_dim: int, layers: int, prompt_len: int, steps: int, kv_dtype,
@@ -51,17 +51,8 @@ def main() -> int:
     ap.add_argument("--layers", type=int, default=30)
     ap.add_argument("--prompt-len", type=int, default=64)
     ap.add_argument("--steps", type=int, default=32)
-    ap.add_argument("--reps", type=int, default=2, help="interleaved repetitions; the best is reported")
-    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
-    ap.add_argument("--threads", type=int, default=torch.get_num_threads())
-    ap.add_argument("--json")
-    args = ap.parse_args()
-    torch.set_num_threads(args.threads)
-    half = getattr(torch, args.dtype)
-    rows = []
-    print(f"# CPU {platform.machine()}, {args.threads} threads, torch {torch.__version__}, {args.dtype}; "
-          f"µs per layer and step (best of {args.reps})")
-    print(f"{'rows':>5} {'half cache':>11} {'fp32 cache':>11} {'ratio':>6}")
+    args, half = parse(ap, 2, "µs per layer and step")
+    rows: list[dict] = []
     for b in [int(x) for x in args.batches.split(",")]:
         best = {"half": float("inf"), "fp32": float("inf")}
         for _ in range(args.reps):
@@ -69,14 +60,8 @@ def main() -> int:
                 us = step_us(b, args.kv_heads, args.rep, args.head_dim, args.layers, args.prompt_len, args.steps, kd,
                              half)
                 best[name] = min(best[name], us)
-        r = {"rows": b, "half_us": round(best["half"], 1), "fp32_us": round(best["fp32"], 1),
-             "half_over_fp32": round(best["half"] / best["fp32"], 2)}
-        rows.append(r)
-        print(f"{b:5d} {r['half_us']:11.1f} {r['fp32_us']:11.1f} {r['half_over_fp32']:6.2f}")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"machine": platform.machine(), "threads": args.threads, "torch": torch.__version__,
-                       "dtype": args.dtype, "args": vars(args), "rows": rows}, f, indent=1)
+        add_row(rows, "rows", b, best)  # half: the cache in the half-precision dtype
+    write_json(args, rows)
     return 0
 
 

@@ -17,11 +17,11 @@ a real step; the other work of a step is not there, so absolute times are lower 
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import time
 
 import torch
+
+from cpu_micro import add_row, parse, write_json
 
 
 def layer_us(M: int, G: int, r: int, hidden: int, inter: int, q_out: int, kv_out: int, layers: int, reps: int,
@@ -83,29 +83,13 @@ def main() -> int:
     ap.add_argument("--inter", type=int, default=1536)
     ap.add_argument("--kv-out", type=int, default=192, help="k / v projection width (KV heads x head dim)")
     ap.add_argument("--layers", type=int, default=30)
-    ap.add_argument("--reps", type=int, default=5, help="interleaved repetitions; the best is reported")
-    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
-    ap.add_argument("--threads", type=int, default=torch.get_num_threads())
-    ap.add_argument("--json")
-    args = ap.parse_args()
-    torch.set_num_threads(args.threads)
-    half = getattr(torch, args.dtype)
-    rows = []
-    print(f"# CPU {platform.machine()}, {args.threads} threads, torch {torch.__version__}, {args.dtype}; "
-          f"µs per layer (4 projections, {args.members} members, r {args.rank}; best of {args.reps})")
-    print(f"{'rows':>5} {'half':>9} {'fp32':>9} {'half/fp32':>10}")
+    args, half = parse(ap, 5, "µs per layer (4 projections' B terms)")
+    rows: list[dict] = []
     with torch.no_grad():
         for m in [int(x) for x in args.rows.split(",")]:
-            b = layer_us(m, args.members, args.rank, args.hidden, args.inter, args.hidden, args.kv_out, args.layers,
-                         args.reps, half)
-            r = {"rows_per_member": m, "half_us": round(b["half"], 1), "fp32_us": round(b["fp32"], 1),
-                 "half_over_fp32": round(b["half"] / b["fp32"], 2)}
-            rows.append(r)
-            print(f"{m:5d} {r['half_us']:9.1f} {r['fp32_us']:9.1f} {r['half_over_fp32']:10.2f}")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"machine": platform.machine(), "threads": args.threads, "torch": torch.__version__,
-                       "dtype": args.dtype, "args": vars(args), "rows": rows}, f, indent=1)
+            add_row(rows, "rows_per_member", m, layer_us(m, args.members, args.rank, args.hidden, args.inter,
+                                                         args.hidden, args.kv_out, args.layers, args.reps, half))
+    write_json(args, rows)
     return 0
 
 
