@@ -9,8 +9,8 @@
 #    mixed head and with every member's head (--also-member-heads), must equal the reference's exactly; once with
 #    the adapters' precision (the fp32 default) and once with the low-rank terms in the model dtype;
 # 2. the LoRA-shared decode step at real shapes (Llama-2-7B, Qwen2.5-7B: one random bf16 base + a random r-16
-#    adapter per specialist — three since 2026-11-27, two before —, full depth) against one model's step, batch 1 and 16, the mixed head and the member heads side by
-#    side (issue 8's ≤ 1.3x goal).
+#    adapter per specialist — three since 2026-11-27, two before —, full depth) against one model's step, batch 1
+#    and 16, the mixed head and the member heads side by side (issue 8's ≤ 1.3x goal).
 # Every part writes its JSON as soon as it exists; one failing does not stop the others.
 set -u
 cd "$(dirname "$0")/.."

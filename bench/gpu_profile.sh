@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Where the LoRA-shared fast decode step spends its time on one GPU (~2 minutes): bench/profile_decode.py on a
-# Llama-2-7B shape truncated to 8 layers, LoRA r 16 on every linear layer (one base, an adapter per specialist), with the
-# low-rank terms in the model dtype (lora_precision auto: the CUDA default) and in PEFT's fp32 (adapter), each
-# checked against the reference path (--check); and one model at batch 16 and 48 for comparison.
+# Llama-2-7B shape truncated to 8 layers, LoRA r 16 on every linear layer (one base, an adapter per specialist),
+# with the low-rank terms in the model dtype (lora_precision auto: the CUDA default) and in PEFT's fp32 (adapter),
+# each checked against the reference path (--check); and one model at batch 16 and 48 for comparison.
 #     OUT=/some/dir bash bench/gpu_profile.sh
 set -u
 cd "$(dirname "$0")/.."

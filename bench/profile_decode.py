@@ -95,7 +95,7 @@ def main(argv=None):
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--adapters", type=int, default=3, choices=[1, 2, 3],
-                    help="lora modes: how many of the three specialists have an adapter (2: the first is the bare base)")
+                    help="lora modes: how many of the three specialists have an adapter (2: the first is bare)")
     ap.add_argument("--prompt-len", type=int, default=256)
     ap.add_argument("--steps", type=int, default=32)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

@@ -10,7 +10,8 @@ LoRA adapters, and computes exactly what `Specialist.forward` computes, in a lay
   (weights="refs": no extra memory, G matmuls per projection, everything else still batched);
 - a *shared* group (G specialists = one base model + per-specialist LoRA adapters, or none) multiplies all
   G×B rows by the base weights at once — the base is read once per step — and adds the low-rank deltas of
-  every member with two small `bmm`s (batched LoRA; a member without an adapter has zero A/B rows);
+  every member batched (a member without an adapter has zero A/B rows): in the model dtype each member's A rides
+  in the base's product and (x·A)·B is one batched GEMM (on the CPU's decode steps: fp32 products per module);
 - the KV cache is static: per layer `(B_max, G, H_kv, T_max, D)`, batch-major so that a `[:B]` slice stays
   contiguous; the decode step writes slot `cur` (a device tensor, so the step can be captured in a CUDA graph)
   and attends over the first `T_attn` slots with a mask built from each row's left padding.
@@ -362,7 +363,7 @@ class Proj:
                 if self.b is not None:
                     self.b_ext = torch.cat([self.b, self.b.new_zeros(G * self.lora[0].shape[2])])
                 self.a_in_base = True
-            lora_full = (Bm * S, spans)
+            lora_full = (Bm, S, spans)
         if packed:
             mats = list(to_pack)  # (out, in) per member
             b_P = None if self.b is None else list(self.b.unsqueeze(0) if shared else self.b)
@@ -376,7 +377,8 @@ class Proj:
             self.b_P = b_P
             del to_pack, mats
         if self.a_in_base and cpu and lora_precision == "auto":  # "model": the B products in the model dtype too
-            self.b32 = self._b_pieces(*lora_full, self.outs)
+            Bm, S, spans = lora_full
+            self.b32 = self._b_pieces(Bm * S, spans, self.outs)
 
     @staticmethod
     def _b_pieces(BS: torch.Tensor, spans: list, outs: list[int]) -> list[tuple[int, int, int, int, torch.Tensor]]:
@@ -389,7 +391,8 @@ class Proj:
         pieces, o0 = [], 0
         for span, n in zip(spans, outs):
             if span is not None:
-                pieces.append((span[0], span[1], o0, o0 + n, BS[:, span[0] : span[1], o0 : o0 + n].float().contiguous()))
+                b = BS[:, span[0] : span[1], o0 : o0 + n].float().contiguous()
+                pieces.append((span[0], span[1], o0, o0 + n, b))
             o0 += n
         return pieces
 
