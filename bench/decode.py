@@ -207,6 +207,11 @@ def make_fused(models, adapters=None, gate: str = "learned", seed: int = 0):
     return fused.eval()
 
 
+def lora_adapters(k: int) -> list:
+    """The LoRA phase's adapter name per specialist: the last k domains get one, the others are the bare base."""
+    return [None] * (N_SPEC - k) + DOMAINS[N_SPEC - k :]
+
+
 def add_lora(base, rank: int, std: float, names=("code", "math")):
     """Inject random LoRA adapters (one per name) into `base` in place, PEFT style; return the base."""
     from peft import LoraConfig, get_peft_model
@@ -774,12 +779,12 @@ class Bench:
             if dev.type == "cuda":
                 torch.cuda.empty_cache()
             try:
-                names = DOMAINS[N_SPEC - a.lora_adapters:]
-                base = add_lora(models[0], a.lora_rank, std=SHAPES[shape]["std"], names=names)
+                adapters = lora_adapters(a.lora_adapters)
+                base = add_lora(models[0], a.lora_rank, std=SHAPES[shape]["std"], names=[n for n in adapters if n])
                 self.lora_bytes = model_bytes([base])
                 so["lora"] = {
                     "rank": a.lora_rank,
-                    "adapters": [n or "(bare base)" for n in [None] * (N_SPEC - a.lora_adapters) + list(names)],
+                    "adapters": [n or "(bare base)" for n in adapters],
                     "targets": "q,k,v,o,gate,up,down",
                     "adapter_bytes": self.lora_bytes - P,
                 }
@@ -793,7 +798,7 @@ class Bench:
                     lweights = "copy" if need < free else "refs"
                     self.log(f"lora phase: free {free / 2**30:.0f} GiB: fast weights={lweights}")
                 so["lora"]["fast_weights"] = lweights
-                lfused = make_fused([base] * N_SPEC, adapters=[None] * (N_SPEC - a.lora_adapters) + list(names))
+                lfused = make_fused([base] * N_SPEC, adapters=adapters)
                 lsingle = make_fused([base], adapters=[None], gate="uniform")
                 ldec = FastFusedDecoder(lfused, max_batch=mb, max_len=max_len, weights=lweights, **fkw)
                 single_dec = FastFusedDecoder(lsingle, max_batch=mb, max_len=max_len, weights=lweights, **fkw)

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from decode import DOMAINS, SHAPES, add_lora, build_models, first_only, make_fused, make_prompts, sync
+from decode import SHAPES, add_lora, lora_adapters, build_models, first_only, make_fused, make_prompts, sync
 
 
 def build(args, dev, dtype):
@@ -31,10 +31,11 @@ def build(args, dev, dtype):
     n = 3 if args.mode == "dense" else 1
     models = build_models(args.shape, n, dev, dtype)
     if args.mode.startswith("lora"):
-        names = DOMAINS[3 - args.adapters:]
-        base = add_lora(models[0], args.rank, std=SHAPES[args.shape]["std"], names=names)
+        adapters = lora_adapters(args.adapters)
+        base = add_lora(models[0], args.rank, std=SHAPES[args.shape]["std"], names=[n for n in adapters if n])
         # lora-nolora: the same three rows per prompt through the shared base, no member with an adapter
-        adapters = [None, None, None] if args.mode == "lora-nolora" else [None] * (3 - args.adapters) + names
+        if args.mode == "lora-nolora":
+            adapters = [None, None, None]
         fused = make_fused([base] * 3, adapters=adapters)
     elif args.mode == "dense":
         fused = make_fused(models)
