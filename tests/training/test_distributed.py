@@ -18,11 +18,10 @@ import socket
 import subprocess
 import sys
 import time
-import traceback
 from pathlib import Path
 
 import pytest
-from trainkit import read_jsonl, run_inproc, train_config
+from trainkit import fork_training, read_jsonl, run_inproc, train_config
 
 TOL = 1e-5
 
@@ -33,27 +32,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def fork_rank(cfg, env: dict) -> int:
-    pid = os.fork()
-    if pid == 0:
-        code = 1
-        try:
-            os.environ.update(env)
-            from accelerate.state import AcceleratorState, PartialState
-
-            AcceleratorState._reset_state(True)
-            PartialState._reset_state()
-            code = run_inproc(cfg)
-        except BaseException:
-            traceback.print_exc()
-        finally:
-            os._exit(code)
-    return pid
-
-
 def run_two_ranks(cfg, timeout: float = 240.0) -> list[int]:
     port = free_port()
-    pids = [fork_rank(cfg, {"RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2",
+    pids = [fork_training(cfg, {"RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2",
                             "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}) for r in range(2)]
     codes: dict[int, int] = {}
     deadline = time.time() + timeout

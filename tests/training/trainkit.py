@@ -88,14 +88,21 @@ def run_inproc(cfg: TrainConfig, **kw) -> int:
     return run(cfg, **kw)
 
 
-def run_forked(cfg: TrainConfig, env: dict | None = None, **kw) -> int:
-    """Run training in a forked child; returns its exit code (negative: killed by that signal)."""
+def fork_training(cfg: TrainConfig, env: dict | None = None, **kw) -> int:
+    """Start training in a forked child (with `env` added to its environment); return the child's pid."""
     pid = os.fork()
     if pid == 0:  # child
         code = 1
         try:
             os.environ.update(env or {})
+            import torch
             from accelerate.state import AcceleratorState, PartialState
+
+            # After a fork PyTorch rebuilds its CPU thread pool on first use, and not thread-safely: when the first
+            # use came from transformers' weight-loading threads, one of them could see the pool half-built
+            # ("pool INTERNAL ASSERT FAILED ... Invalid thread pool!", seen once in a full run). Rebuild it here,
+            # while the child has one thread.
+            torch.set_num_threads(torch.get_num_threads())
 
             AcceleratorState._reset_state(True)
             PartialState._reset_state()
@@ -104,7 +111,12 @@ def run_forked(cfg: TrainConfig, env: dict | None = None, **kw) -> int:
             traceback.print_exc()
         finally:
             os._exit(code)
-    _, status = os.waitpid(pid, 0)
+    return pid
+
+
+def run_forked(cfg: TrainConfig, env: dict | None = None, **kw) -> int:
+    """Run training in a forked child; returns its exit code (negative: killed by that signal)."""
+    _, status = os.waitpid(fork_training(cfg, env, **kw), 0)
     return os.waitstatus_to_exitcode(status)
 
 
