@@ -4,8 +4,8 @@ its output columns, two ways —
 
 - half: one half-precision `baddbmm_` over the zero-padded batched B (G, R, out) per projection (the way for many
   rows, and on CUDA);
-- fp32: one fp32 `bmm` per adapted module on B·scale in fp32, added into the module's columns (the CPU decode step's
-  way up to CPU_FP32_B_ROWS rows per member).
+- fp32: one fp32 `bmm` per projection over B·scale in fp32 cut into equal chunks (`Proj._b_chunks`), added into
+  the modules' columns (`fast_llama.add_lora_b32`: the CPU decode step's way up to CPU_FP32_B_ROWS rows per member).
 
 Default shape: SmolLM2-135M with r-16 adapters on all seven projections (q|k|v, o, gate|up, down), three members;
 `--rows` counts rows per member (a decode step's batch). Every layer has its own B, so they come from memory as in
@@ -23,6 +23,8 @@ import torch
 
 from cpu_micro import add_row, parse, write_json
 
+from ultrafuser.modeling.fast_llama import Proj, add_lora_b32, xa_chunk_index
+
 
 def layer_us(M: int, G: int, r: int, hidden: int, inter: int, q_out: int, kv_out: int, layers: int, reps: int,
              half) -> dict:
@@ -35,33 +37,28 @@ def layer_us(M: int, G: int, r: int, hidden: int, inter: int, q_out: int, kv_out
         for outs in projs:
             out, R = sum(outs), r * len(outs)
             B = torch.zeros((G, R, out))
-            pieces, o0 = [], 0
+            spans, o0 = [], 0
             for j, n in enumerate(outs):
-                blk = torch.randn((G, r, n), generator=gen) * 0.02
-                B[:, j * r : (j + 1) * r, o0 : o0 + n] = blk
-                pieces.append((j * r, (j + 1) * r, o0, o0 + n, blk.contiguous()))
+                B[:, j * r : (j + 1) * r, o0 : o0 + n] = torch.randn((G, r, n), generator=gen) * 0.02
+                spans.append((j * r, (j + 1) * r))
                 o0 += n
             ye = torch.randn((G * M, out + G * R), generator=gen).to(half)
-            per.append((ye, out, R, B.to(half), pieces))
+            b32 = Proj._b_chunks(B, spans, outs)
+            idx = xa_chunk_index(G, R, M, ye.shape[1], out, b32[1], b32[0].shape[1])
+            per.append((ye, out, R, B.to(half), b32, idx))
         data.append(per)
-
-    def views(ye, out, R):
-        rs = ye.shape[1]
-        return ye.as_strided((G, M, R), (M * rs + R, rs, 1), out), ye.as_strided((G, M, out), (M * rs, rs, 1), 0)
 
     def run_half():
         for per in data:
-            for ye, out, R, Bh, _ in per:
-                xa, y = views(ye, out, R)
-                y.baddbmm_(xa, Bh)
+            for ye, out, R, Bh, _, _ in per:
+                rs = ye.shape[1]
+                y = ye.as_strided((G, M, out), (M * rs, rs, 1), 0)
+                y.baddbmm_(ye.as_strided((G, M, R), (M * rs + R, rs, 1), out), Bh)
 
     def run_fp32():
         for per in data:
-            for ye, out, R, _, pieces in per:
-                xa, y = views(ye, out, R)
-                xa = xa.float()
-                for r0, r1, c0, c1, b in pieces:
-                    y[..., c0:c1].add_(torch.bmm(xa[..., r0:r1], b))
+            for ye, _, _, _, b32, idx in per:
+                add_lora_b32(ye, idx, b32, G, M)
 
     best = {"half": float("inf"), "fp32": float("inf")}
     for run in (run_half, run_fp32):  # warm-up

@@ -521,9 +521,9 @@ def test_lora_terms_in_the_model_dtype_give_the_same_tokens(lora):
 
 def test_cpu_lora_b_products_in_fp32_for_half_models(tiny_dir, tmp_path):
     """bf16 LoRA specialists on one base, on the CPU: each member's x·A rides in the base's product and, in decode
-    steps of up to CPU_FP32_B_ROWS rows a member, (x·A)·B runs as fp32 products cut into pieces of B
-    (`Proj._b_pieces`), added into the base's output (more rows: one bf16 baddbmm_). Members adapt different
-    modules with different ranks (text: all seven, r = 2; code / math: q, v, up, r = 4), so the pieces must cover
+    steps of up to CPU_FP32_B_ROWS rows a member, (x·A)·B runs as one fp32 product over B cut into chunks
+    (`Proj._b_chunks`), added into the base's output (more rows: one bf16 baddbmm_). Members adapt different
+    modules with different ranks (text: all seven, r = 2; code / math: q, v, up, r = 4), so the chunks must cover
     every member's rows: each projection equals the PEFT modules' own math in fp32 to bf16 rounding, and the fused
     logits stay within bf16 noise of the reference's over teacher-forced steps (as with lora_precision="model", B in
     bf16, one baddbmm_)."""
@@ -539,19 +539,37 @@ def test_cpu_lora_b_products_in_fp32_for_half_models(tiny_dir, tmp_path):
     L0 = decs["auto"].groups[0].layers[0]
     assert all(p.b32 is not None and p.a_in_base for p in L0.values() if hasattr(p, "b32"))
     assert all(p.b32 is None for p in decs["model"].groups[0].layers[0].values() if hasattr(p, "b32"))
-    # one piece per adapted module, holding every member's rows for it: q = text's rows 0-2 / code's and math's 0-4,
-    # k = text's 2-4 only, v = text's 4-6 / the others' 4-8; gate = text's 0-2, up = text's 2-4 / the others' 0-4;
-    # down only the text adapter's 2 rows
-    assert [b[:4] for b in L0["qkv"].b32] == [(0, 4, 0, 32), (2, 4, 32, 48), (4, 8, 48, 64)]
-    assert [b[:4] for b in L0["gu"].b32] == [(0, 2, 0, 64), (0, 4, 64, 128)]
-    assert [b[:4] for b in L0["down"].b32] == [(0, 2, 0, 32)]
+    # B cut into chunks of the modules' common width, each with the rows its module's adapters take over all members
+    # (q = text's rows 0-2 / code's and math's 0-4, k = text's 2-4 only, v = text's 4-6 / the others' 4-8), windows
+    # as wide as the widest module's: q|k|v (32 | 16 | 16 columns) = 4 chunks of 16 (q two) reading rows 0-4, 0-4,
+    # 2-6, 4-8; gate (text's rows 0-2) | up (text's 2-4, the others' 0-4) = 2 chunks of 64 reading rows 0-4; down
+    # only the text adapter's 2 rows
+    def chunks(p):
+        B, starts, col0, c = p.b32
+        return B.shape, starts.tolist(), col0, c
+
+    assert chunks(L0["qkv"]) == ((3 * 4, 4, 16), [0, 0, 2, 4], 0, 16)
+    assert chunks(L0["gu"]) == ((3 * 2, 4, 64), [0, 0], 0, 64)
+    assert chunks(L0["down"]) == ((3, 2, 32), [0], 0, 32)
+    # the rows outside a module's own adapters read zeros of B: member by member the chunks rebuild B·scale
+    for name in ("qkv", "gu", "down", "o"):
+        p = L0[name]
+        B, starts, col0, c = p.b32
+        G, R = p.G, p.lora[0].shape[2]
+        n, w = starts.numel(), B.shape[1]
+        full = torch.zeros(G, R, sum(p.outs))
+        for k in range(n):
+            s0 = int(starts[k])
+            full[:, s0 : s0 + w, col0 + k * c : col0 + (k + 1) * c] += B.view(G, n, w, c)[:, k]
+        assert torch.equal(full.to(torch.bfloat16), p.lora[1]), name
     # each projection vs PEFT's math in fp32, member by member
     members = [s.model.model.layers[0] for s in model.specialists]
     g = torch.Generator().manual_seed(0)
     for name, mods, inp in (("qkv", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), 32),
                             ("o", ("self_attn.o_proj",), 32), ("gu", ("mlp.gate_proj", "mlp.up_proj"), 32),
                             ("down", ("mlp.down_proj",), 64)):
-        for rows in (1, fast_llama.CPU_FP32_B_ROWS, 6):  # fp32 pieces up to CPU_FP32_B_ROWS rows per member
+        for rows in (1, 4, fast_llama.CPU_FP32_B_ROWS, fast_llama.CPU_FP32_B_ROWS + 2):  # fp32 chunks up to
+            # CPU_FP32_B_ROWS rows per member, more: the bf16 baddbmm_
             x = torch.randn(3, rows, inp, generator=g).to(torch.bfloat16)
             got = L0[name](x).float()
             want = []
@@ -584,6 +602,33 @@ def test_cpu_lora_b_products_in_fp32_for_half_models(tiny_dir, tmp_path):
     # bf16 noise (measured: 0.041 and 0.051 of the logits' range at most over the 4 steps; the prefill, 3 prompts x
     # 20-odd positions a member, takes the bf16 B in both)
     assert max(errs["auto"]) < 0.08 and max(errs["model"]) < 0.08, errs
+
+
+def test_lora_b_chunks_cover_unadapted_modules_and_fall_back():
+    """`Proj._b_chunks` on its own: an unadapted module between two adapted ones gets zero chunks (its columns stay
+    the base's), columns before the first adapted module are skipped, and widths whose gcd would need more than
+    MAX_B_CHUNKS chunks give None (the caller keeps the bf16 product); the chunks added by `add_lora_b32` equal
+    (x·A)·B with the full batched B in fp32."""
+    G, r, outs = 2, 3, [8, 12, 4, 8]  # module 0 unadapted, 1 and 3 adapted, 2 unadapted in between
+    spans = [None, (0, r), None, (r, 2 * r)]
+    R, out = 2 * r, sum(outs)
+    g = torch.Generator().manual_seed(0)
+    B = torch.zeros(G, R, out)
+    B[:, 0:r, 8:20] = torch.randn(G, r, 12, generator=g)
+    B[:, r:, 24:32] = torch.randn(G, r, 8, generator=g)
+    Bc, starts, col0, c = fast_llama.Proj._b_chunks(B, spans, outs)
+    assert (col0, c, starts.tolist(), Bc.shape) == (8, 4, [0, 0, 0, 0, 3, 3], (G * 6, r, 4))
+    assert torch.equal(Bc.view(G, 6, r, 4)[:, 3], torch.zeros(G, r, 4))  # module 2: zeros
+    for M in (1, 3):
+        ye = torch.randn(G * M, out + G * R, generator=g)
+        want = ye[:, :out].clone().view(G, M, out)
+        for k in range(G):
+            want[k] += ye[k * M : (k + 1) * M, out + k * R : out + (k + 1) * R] @ B[k]
+        idx = fast_llama.xa_chunk_index(G, R, M, ye.shape[1], out, starts, r)
+        fast_llama.add_lora_b32(ye, idx, (Bc, starts, col0, c), G, M)
+        torch.testing.assert_close(ye[:, :out].view(G, M, out), want)
+    assert fast_llama.Proj._b_chunks(B, spans, [8, 12, 4, 8 * fast_llama.MAX_B_CHUNKS]) is None  # gcd 4: too many
+    assert fast_llama.Proj._b_chunks(B, spans, [8, 12, 4, 33]) is None  # gcd 1: 49 chunks
 
 
 def test_lora_a_in_the_base_with_the_cuda_layout(lora, monkeypatch):

@@ -37,13 +37,15 @@ log = logging.getLogger(__name__)
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 _SEQ_DEPENDENT_ROPE = ("dynamic", "longrope")
 NEG_INF = float("-inf")
-# CPU, half-precision model, LoRA-shared group: with at most this many rows per member (a decode step of batch <= 4)
-# the (x·A)·B products run in fp32, one per adapted module (Proj._b_pieces); more rows (prefill, big batches): one
-# half-precision baddbmm_. oneDNN's half-precision GEMMs this small (K = 16-48) have a fixed floor that fp32 ones
-# don't: `python bench/cpu_lora_b.py` (SmolLM2 shape, 3 members, r 16; bench/results/cpu_lora_b_bf16.json) measured
-# bf16 / fp32 = 1.35, 1.16, 1.10, 1.03, 0.90 at 1, 2, 4, 8, 16 rows per member; inside the decode step the fp32 way
-# was 1.10x (batch 1) and 1.03x (batch 4) faster (bench/decode.py --also-lora-model; docs/benchmarks.md).
-CPU_FP32_B_ROWS = 4
+# CPU, half-precision model, LoRA-shared group: with at most this many rows per member (a decode step of batch <= 16)
+# the (x·A)·B products run in fp32, one batched product per projection over B cut into equal chunks (Proj._b_chunks);
+# more rows (prefill, big batches): one half-precision baddbmm_ over the zero-padded B. oneDNN's half-precision GEMMs
+# this small (K = 16-48) have a fixed floor that fp32 ones don't: `python bench/cpu_lora_b.py` (SmolLM2 shape,
+# 3 members, r 16; bench/results/cpu_lora_b_bf16.json) measured bf16 / fp32 = 1.66, 1.39, 1.30, 1.10, 0.96, 0.36
+# at 1, 4, 8, 16, 24, 32 rows per member.
+CPU_FP32_B_ROWS = 16
+# ... unless the adapted modules' widths would cut B into more chunks than this (their gcd is small)
+MAX_B_CHUNKS = 32
 # On the CPU, fp32 matmuls with at most this many rows use the (in, out) copies, more rows the models' own
 # (out, in) weights: MKL measured 1.7-2.2x faster the first way at 1-3 rows and ~1.25x slower at 12 rows (2-core
 # AVX2 VM). bf16 / fp16 (oneDNN; 2-core AVX-512-bf16 VM, `python bench/cpu_head.py --dtype bfloat16`): the (in, out)
@@ -127,6 +129,27 @@ def in_out_copies(device) -> bool:
 def cpu_few_rows(dtype: torch.dtype) -> float:
     """Up to how many rows a CPU matmul in `dtype` uses the (in, out) copies (see CPU_FEW_ROWS)."""
     return CPU_FEW_ROWS if dtype == torch.float32 else math.inf
+
+
+def xa_chunk_index(G: int, R: int, M: int, rs: int, out: int, starts: torch.Tensor, w: int) -> torch.Tensor:
+    """Flat indices into a LoRA-shared projection's base product ye (G·M, rs = out + G·R; each member's x·A as
+    G·R extra columns) of each chunk's x·A (see Proj._b_chunks), laid out as the fp32 product's input (G·n, M, w):
+    chunk k of member g reads row block g, columns out + g·R + starts[k] + 0..w-1."""
+    n = starts.numel()
+    g = torch.arange(G).view(G, 1, 1, 1)
+    m = torch.arange(M).view(1, 1, M, 1)
+    idx = (g * M + m) * rs + out + g * R + starts.view(1, n, 1, 1) + torch.arange(w).view(1, 1, 1, w)
+    return idx.reshape(G * n, M, w)
+
+
+def add_lora_b32(ye: torch.Tensor, idx: torch.Tensor, b32: tuple, G: int, M: int) -> None:
+    """Add every member's (x·A)·B into the base's output columns of ye (G·M, rs), in place: one fp32 bmm over the
+    chunks of B·scale (b32 = Proj._b_chunks' (B, starts, col0, c)), x·A gathered by `idx` (xa_chunk_index), the
+    sum formed in fp32 and rounded once into ye's dtype (as PEFT's result.to(dtype)). ye must be contiguous."""
+    B, starts, col0, c = b32
+    n, rs = starts.numel(), ye.shape[1]
+    d = torch.bmm(torch.take(ye, idx).float(), B)  # (G·n, M, c)
+    ye.as_strided((G, n, M, c), (M * rs, c, rs, 1), ye.storage_offset() + col0).add_(d.view(G, n, M, c))
 
 
 class Unsupported(ValueError):
@@ -312,7 +335,7 @@ class Proj:
         # batched LoRA: A (G, in, R), B (G, R, out), per-output-column scale (G, 1, out); zeros where absent
         found = [[lora_parts(m, a) for m in p] for p, a in zip(parts, adapters)]
         self.lora = lora_full = None
-        self.b32 = None  # CPU, shared, model-dtype LoRA: fp32 B pieces for (x·A)·B (see _b_pieces)
+        self.b32 = None  # CPU, shared, model-dtype LoRA: B·scale in fp32 chunks for (x·A)·B (see _b_chunks)
         self.Wt_ext = self.W_ext = self.b_ext = None
         if any(x is not None for f in found for x in f):
             ldt = next(x[0].dtype for f in found for x in f if x is not None)
@@ -376,25 +399,51 @@ class Proj:
             self.P = [mkldnn_pack(m) for m in mats]
             self.b_P = b_P
             del to_pack, mats
+        self._xa_idx: dict[int, torch.Tensor] = {}
         if self.a_in_base and cpu and lora_precision == "auto":  # "model": the B products in the model dtype too
             Bm, S, spans = lora_full
-            self.b32 = self._b_pieces(Bm * S, spans, self.outs)
+            self.b32 = self._b_chunks(Bm * S, spans, self.outs)
 
     @staticmethod
-    def _b_pieces(BS: torch.Tensor, spans: list, outs: list[int]) -> list[tuple[int, int, int, int, torch.Tensor]]:
-        """[(row0, row1, col0, col1, B·scale in fp32 (G, rows, cols))] per adapted module: the batched B without its
-        zero blocks, for the CPU's fp32 products (see `_finish_lora`). spans[j]: the rows module j's adapters take
-        (min start, max end over the members), None where no member adapts module j. One piece per module rather
-        than one zero-padded product per projection: fewer bytes to read (the pieces come from memory every step)
-        — at batch 4 1.5 % faster a step, at batch 1 1.5 % slower (SmolLM2 shape, r = 16, three adapters; an
-        interleaved A/B of the two layouts on the 2-core VM, not kept as a switch)."""
-        pieces, o0 = [], 0
-        for span, n in zip(spans, outs):
-            if span is not None:
-                b = BS[:, span[0] : span[1], o0 : o0 + n].float().contiguous()
-                pieces.append((span[0], span[1], o0, o0 + n, b))
-            o0 += n
-        return pieces
+    def _b_chunks(BS: torch.Tensor, spans: list, outs: list[int]):
+        """B·scale in fp32 for the CPU's (x·A)·B products (see `_finish_lora`), cut into equal chunks so that one
+        batched product covers every adapted module of the projection: chunk k is `c` output columns of one module
+        (c = the gcd of the modules' widths; q|k|v of SmolLM2: 576 | 192 | 192 -> 3 + 1 + 1 chunks of 192) with the
+        `w` rows of x·A that module's adapters take, over all members (spans[j]: min start, max end; None where no
+        member adapts module j; w = the widest span; a narrower module's window takes rows of its neighbours, whose
+        B entries in its columns are zeros). Returns (B (G·n, w, c), each chunk's first x·A row (n,), the first
+        adapted column, c) — or None where the adapted columns would need more than MAX_B_CHUNKS chunks (the caller
+        then keeps the model-dtype product). One product per projection rather than one per module: fewer, bigger
+        ops (`python bench/cpu_lora_b.py`)."""
+        adapted = [j for j, sp in enumerate(spans) if sp is not None]
+        j0, j1 = adapted[0], adapted[-1]
+        c = math.gcd(*outs[j0 : j1 + 1])
+        col0 = sum(outs[:j0])
+        n = sum(outs[j0 : j1 + 1]) // c
+        if n > MAX_B_CHUNKS:
+            return None
+        R = BS.shape[1]
+        w = max(sp[1] - sp[0] for sp in spans if sp is not None)
+        G = BS.shape[0]
+        B = BS.new_zeros((G, n, w, c), dtype=torch.float32)
+        starts, k, o0 = [], 0, col0
+        for j in range(j0, j1 + 1):
+            r0 = 0 if spans[j] is None else min(spans[j][0], R - w)  # unadapted in between: zero chunks
+            for _ in range(outs[j] // c):
+                if spans[j] is not None:
+                    B[:, k] = BS[:, r0 : r0 + w, o0 : o0 + c]
+                starts.append(r0)
+                k, o0 = k + 1, o0 + c
+        return B.view(G * n, w, c), torch.tensor(starts), col0, c
+
+    def _xa_index(self, M: int, rs: int, out: int) -> torch.Tensor:
+        """`xa_chunk_index` for this projection at M rows per member, cached."""
+        idx = self._xa_idx.get(M)
+        if idx is None:
+            B, starts = self.b32[0], self.b32[1]
+            idx = xa_chunk_index(self.G, self.lora[0].shape[2], M, rs, out, starts, B.shape[1])
+            idx = self._xa_idx[M] = idx.to(B.device)
+        return idx
 
     @property
     def forms(self) -> tuple[str, ...]:
@@ -425,20 +474,16 @@ class Proj:
 
         Row block g keeps its own member's R columns of x·A (a strided view, no copy) and adds (x·A_g)·B_g in place
         into the base's columns: one batched GEMM with beta = 1, no copy of the output — or, in a CPU decode step,
-        one fp32 bmm per adapted module (`b32`) added into its columns."""
+        one fp32 bmm over the chunks of B (`b32`) added into their columns."""
         R = self.lora[0].shape[2]
         rs = ye.shape[1]
         out, o = rs - G * R, ye.storage_offset()
-        # member g's x·A_g: row block g, columns out + g·R ... (a strided view, no copy)
-        xa = ye.as_strided((G, M, R), (M * rs + R, rs, 1), o + out)
         y = ye.as_strided((G, M, out), (M * rs, rs, 1), o)
         if self.b32 is None or M > CPU_FP32_B_ROWS:
-            return y.baddbmm_(xa, self.lora[1])
-        # CPU decode steps (few rows per member, see CPU_FP32_B_ROWS): fp32 products, one per piece of B, added
-        # into the base's output (see _b_pieces); B·scale stays fp32 (exact).
-        xa = xa.float()
-        for r0, r1, c0, c1, b in self.b32:
-            y[..., c0:c1].add_(torch.bmm(xa[..., r0:r1], b))
+            # member g's x·A_g: row block g, columns out + g·R ... (a strided view, no copy)
+            return y.baddbmm_(ye.as_strided((G, M, R), (M * rs + R, rs, 1), o + out), self.lora[1])
+        # CPU decode steps (few rows per member, see CPU_FP32_B_ROWS): one fp32 product over the chunks of B
+        add_lora_b32(ye, self._xa_index(M, rs, out), self.b32, G, M)
         return y
 
     def _w_xt(self, x: torch.Tensor) -> torch.Tensor:
