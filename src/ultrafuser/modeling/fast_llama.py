@@ -37,13 +37,15 @@ log = logging.getLogger(__name__)
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 _SEQ_DEPENDENT_ROPE = ("dynamic", "longrope")
 NEG_INF = float("-inf")
-# CPU, half-precision model, LoRA-shared group: with at most this many rows per member (a decode step of batch <= 16)
+# CPU, half-precision model, LoRA-shared group: with at most this many rows per member (a decode step of batch <= 8)
 # the (x·A)·B products run in fp32, one batched product per projection over B cut into equal chunks (Proj._b_chunks);
 # more rows (prefill, big batches): one half-precision baddbmm_ over the zero-padded B. oneDNN's half-precision GEMMs
 # this small (K = 16-48) have a fixed floor that fp32 ones don't: `python bench/cpu_lora_b.py` (SmolLM2 shape,
-# 3 members, r 16; bench/results/cpu_lora_b_bf16.json) measured bf16 / fp32 = 1.66, 1.39, 1.30, 1.10, 0.96, 0.36
-# at 1, 4, 8, 16, 24, 32 rows per member.
-CPU_FP32_B_ROWS = 16
+# 3 members, r 16; bench/results/cpu_lora_b_chunks_bf16.json) measured bf16 / fp32 = 1.73, 1.44, 1.31, 1.10, 0.86
+# at 1, 4, 8, 16, 24 rows per member; in the whole decode step (bench/decode.py --also-lora-model, the B products'
+# bytes competing with the weights') the fp32 way was 1.11-1.14x, 1.06-1.08x, 1.02x, 0.975x as fast at batch 1, 4,
+# 8, 16 (docs/benchmarks.md).
+CPU_FP32_B_ROWS = 8
 # ... unless the adapted modules' widths would cut B into more chunks than this (their gcd is small)
 MAX_B_CHUNKS = 32
 # On the CPU, fp32 matmuls with at most this many rows use the (in, out) copies, more rows the models' own
