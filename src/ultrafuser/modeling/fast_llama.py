@@ -150,8 +150,10 @@ def add_lora_b32(ye: torch.Tensor, idx: torch.Tensor, b32: tuple, G: int, M: int
     sum formed in fp32 and rounded once into ye's dtype (as PEFT's result.to(dtype)). ye must be contiguous."""
     B, starts, col0, c = b32
     n, rs = starts.numel(), ye.shape[1]
-    d = torch.bmm(torch.take(ye, idx).float(), B)  # (G·n, M, c)
-    ye.as_strided((G, n, M, c), (M * rs, c, rs, 1), ye.storage_offset() + col0).add_(d.view(G, n, M, c))
+    d = torch.bmm(torch.take(ye, idx).float(), B).view(G, n, M, c)
+    y = ye.as_strided((G, n, M, c), (M * rs, c, rs, 1), ye.storage_offset() + col0)
+    # the same values as y.add_(d), which converts y through temporaries (slightly slower in the decode step)
+    y.copy_(d.add_(y))
 
 
 class Unsupported(ValueError):
