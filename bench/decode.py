@@ -268,6 +268,21 @@ def first_only(prompts):
     ]
 
 
+def with_bucket(dec, bucket: int, run):
+    """`run(prompts, params)` (an event stream of `dec`) with dec's attention bucket set to `bucket` while it runs:
+    the same decoder, weights and caches, its graphs keyed by attention length (--also-bucket)."""
+
+    def go(p, s):
+        old = dec.bucket
+        dec.bucket = bucket
+        try:
+            yield from run(p, s)
+        finally:
+            dec.bucket = old
+
+    return go
+
+
 def timed_stream(it, device):
     """Consume a token-event iterator; return (prefill ms, [ms per step], token ids per row)."""
     sync(device)
@@ -356,6 +371,7 @@ class Bench:
             dtype=self.args.dtype,
             prompt_len=self.args.prompt_len,
             steps=self.args.steps,
+            decode_attention=self.args.decode_attention,
         )
         if dev.type == "cuda":
             e["device_name"] = torch.cuda.get_device_name(dev)
@@ -500,6 +516,16 @@ class Bench:
         if ms("fast-lora-kvmodel") and ms("fast-single-kvmodel"):
             rt["lora_shared_tput_vs_single_kv_cache_in_model_dtype"] = round(
                 ms("fast-single-kvmodel") / ms("fast-lora-kvmodel"), 3)
+        b = self.args.also_bucket
+        if b:  # the decoders' default (growing) buckets vs a fixed one, same run
+            for m in ("single", "fused", "lora"):
+                if ms(f"fast-{m}") and ms(f"fast-{m}-b{b}"):
+                    rt[f"fast_{m}_speedup_vs_bucket{b}"] = round(ms(f"fast-{m}-b{b}") / ms(f"fast-{m}"), 3)
+            if ms(f"fast-lora-b{b}") and ms(f"fast-single-b{b}"):
+                rt[f"lora_shared_vs_one_model_bucket{b}"] = round(ms(f"fast-lora-b{b}") / ms(f"fast-single-b{b}"), 3)
+            if ms(f"fast-fused-b{b}") and ms(f"fast-single-b{b}"):
+                rt[f"fast_fused_tput_vs_single_over_3_bucket{b}"] = round(
+                    3 * ms(f"fast-single-b{b}") / ms(f"fast-fused-b{b}"), 3)
         if pf("fast-fused") and pf("fast-single"):
             rt["prefill_fast_fused_vs_3x_single"] = round(pf("fast-fused") / (3 * pf("fast-single")), 3)
         if pf("naive-fused") and pf("naive-single"):
@@ -515,6 +541,7 @@ class Bench:
             ("fast-lora-lowp", "naive-lora"),
             ("fast-fused-refs", "naive-fused"),
             ("fast-fused-sdpa", "naive-fused"),
+            *((f"fast-{m}-b{b}", f"naive-{m}") for m in ("fused", "single", "lora") if b),
         ):
             ta, tb = res.get(fast, {}).get("tokens"), res.get(ref, {}).get("tokens")
             if ta and tb:
@@ -655,14 +682,18 @@ class Bench:
             return kv_token * B * (a.prompt_len + a.steps // 2)
 
         def bytes_of(mode, B):
-            for tag in ("-eager", "-refs", "-sdpa", "-kvmodel", "-memberheads", "-lowp", "-noadapters"):
+            for tag in ("-eager", "-refs", "-sdpa", "-kvmodel", "-memberheads", "-lowp", "-noadapters",
+                        f"-b{a.also_bucket}"):
                 mode = mode.replace(tag, "")
             n = 1 if mode.endswith("single") else N_SPEC
             if mode.endswith("lora"):
                 return self.lora_bytes + N_SPEC * kvb(B)
             return n * (P + kvb(B))
 
-        fkw = {"cpu_matmul": a.cpu_matmul, "lora_precision": a.lora_precision, "kv_cache_dtype": a.kv_cache_dtype}
+        fkw = {"cpu_matmul": a.cpu_matmul, "lora_precision": a.lora_precision, "kv_cache_dtype": a.kv_cache_dtype,
+               "decode_attention": a.decode_attention}
+        # --also-bucket: the fast decoders again with a fixed attention bucket (only where CUDA graphs bucket it)
+        bucket_tag = f"-b{a.also_bucket}" if a.also_bucket and dev.type == "cuda" else ""
         kvm = {**fkw, "kv_cache_dtype": "model"}  # --also-kv-model: the same decoders with the cache in the model dtype
         if not a.lora_only:  # the dense phase (three models)
             fused = make_fused(models)
@@ -679,7 +710,7 @@ class Bench:
                                                           **kvm)
                 if also_sdpa:
                     decs["sdpa"] = FastFusedDecoder(
-                        fused, max_batch=mb, max_len=max_len, weights=weights, decode_attention="sdpa", **fkw
+                        fused, max_batch=mb, max_len=max_len, weights=weights, **{**fkw, "decode_attention": "sdpa"}
                     )
             except Exception as e:  # noqa: BLE001 - one failure must not lose the rest
                 msg = f"building fast decoders: {type(e).__name__}: {e}"
@@ -713,6 +744,10 @@ class Bench:
                 if "fused_kvm" in decs:
                     modes["fast-single-kvmodel"] = lambda p, s: decs["single_kvm"].stream(first_only(p), s)
                     modes["fast-fused-kvmodel"] = lambda p, s: decs["fused_kvm"].stream(p, s)
+                if bucket_tag:
+                    for m in ("single", "fused"):
+                        if m in decs:
+                            modes[f"fast-{m}{bucket_tag}"] = with_bucket(decs[m], a.also_bucket, modes[f"fast-{m}"])
 
             def eager_fused():
                 d = FastFusedDecoder(fused, max_batch=mb, max_len=max_len, weights=weights, cuda_graphs=False, **fkw)
@@ -804,6 +839,7 @@ class Bench:
                 single_dec = FastFusedDecoder(lsingle, max_batch=mb, max_len=max_len, weights=lweights, **fkw)
                 so["lora"]["fast_groups"] = ldec.describe_groups()
                 lmodes = {}
+                so["lora"]["bucket"] = ldec.bucket
                 if "naive" in a.paths:
                     lmodes["naive-lora"] = lambda p, s: reference_stream(lfused, p, s)
                 if "fast" in a.paths:
@@ -823,6 +859,9 @@ class Bench:
                         lp = FastFusedDecoder(lfused, max_batch=mb, max_len=max_len, weights=lweights,
                                               **{**fkw, "lora_precision": "model"})
                         lmodes["fast-lora-lowp"] = lambda p, s, lp=lp: lp.stream(p, s)
+                    if bucket_tag:
+                        for m, d in (("lora", ldec), ("single", single_dec)):
+                            lmodes[f"fast-{m}{bucket_tag}"] = with_bucket(d, a.also_bucket, lmodes[f"fast-{m}"])
                     if a.also_no_adapters:  # the same three rows per prompt through the base, no low-rank terms
                         na = FastFusedDecoder(make_fused([base] * N_SPEC, adapters=[None] * N_SPEC), max_batch=mb,
                                               max_len=max_len, weights=lweights, **fkw)
@@ -949,6 +988,12 @@ def main(argv=None):
     ap.add_argument("--also-no-adapters", action="store_true",
                     help="also time the LoRA-shared group with no adapter at all (mode fast-lora-noadapters: three "
                          "rows per prompt through the base, no low-rank terms: what the adapters themselves cost)")
+    ap.add_argument("--decode-attention", default="bmm", choices=["bmm", "sdpa"],
+                    help="FastFusedDecoder(decode_attention=...) for every fast decoder (--also-sdpa: the dense "
+                         "phase's fused step both ways)")
+    ap.add_argument("--also-bucket", type=int, default=None, metavar="N",
+                    help="CUDA graphs: also time the fast decoders with a fixed attention bucket of N slots (modes "
+                         "*-bN; the default is growing buckets, see fast.attention_length), side by side")
     ap.add_argument("--lora-only", action="store_true",
                     help="build one model and run only the LoRA-shared phase (single vs LoRA-shared)")
     ap.add_argument(

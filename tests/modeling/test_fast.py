@@ -200,6 +200,42 @@ def test_graph_path_emulated_pipelined(dense, lora):
         assert len({k[1] for k in keys}) > 2  # several attention-length buckets were used
 
 
+def test_attention_length_buckets(dense):
+    """The default growing buckets: multiples of 32 below 512 filled slots, of 64 below 1,024, ...; from 256 filled
+    slots on at most 1/8 of the slots read are padding; 8 lengths (graphs) per doubling; capped at max_len; a fixed
+    bucket as before."""
+    al = fast.attention_length
+    assert [al(n, None, 4096) for n in (1, 32, 33, 256, 257, 511, 512, 513, 1025, 4000)] == [
+        32, 32, 64, 256, 288, 512, 512, 576, 1152, 4096]
+    assert all(al(n, None, 4096) - n <= al(n, None, 4096) / 8 for n in range(256, 4097))
+    assert all(al(n, None, 4096) >= n for n in range(1, 4097))
+    assert len({al(n, None, 4096) for n in range(257, 513)}) == 8
+    assert len({al(n, None, 4096) for n in range(1, 4097)}) == 40
+    assert al(300, None, 300) == 300 and al(257, 128, 4096) == 384 and al(384, 128, 4096) == 384
+    for bad in (0, -32, 1.5, True):
+        with pytest.raises(ValueError, match="bucket"):
+            FastFusedDecoder(dense[0], max_batch=4, max_len=256, cuda_graphs="emulate", bucket=bad)
+
+
+def test_graph_path_default_growing_buckets_and_bench_override(dense, lora):
+    """With the default buckets the emulated graph path attends over lengths of attention_length (several of them),
+    same tokens; bench/decode.py's with_bucket (--also-bucket) runs the same decoder with a fixed bucket and puts
+    the default back afterwards."""
+    bench = load_bench_decode()
+    for model, prompts, want in (dense, lora):
+        dec = FastFusedDecoder(model, max_batch=4, max_len=250, cuda_graphs="emulate")
+        assert dec.bucket is None and dec.max_len == 256  # rounded up to MIN_BUCKET
+        assert ids(dec.generate(prompts, GREEDY)) == want
+        lens = {k[1][0] for st in dec._states.values() for k in st.graphs}
+        assert len(lens) > 2 and all(n % fast.MIN_BUCKET == 0 for n in lens)
+        for st in dec._states.values():
+            st.graphs.clear()
+        run = bench.with_bucket(dec, 48, lambda p, s: dec.stream(p, s))
+        assert ids(generation.collect(run(prompts, GREEDY), prompts)) == want
+        lens = {k[1][0] for st in dec._states.values() for k in st.graphs}
+        assert lens and all(n % 48 == 0 or n == dec.max_len for n in lens) and dec.bucket is None
+
+
 def test_sampling_and_stream_events_match_reference(dense):
     model, prompts, _ = dense
     dec = FastFusedDecoder(model, max_batch=4, max_len=256)
