@@ -164,9 +164,9 @@ class FastFusedDecoder:
       MIN_BUCKET — 32 slots below 512, 64 below 1,024, ... —, so that past 256 slots at most 1/8 of the slots
       read are padding and a long generation captures 8 graphs per doubling of its length (see
       `attention_length`; the fixed 128 before 2026-11-27 read 384 slots for every step from 257 to 384). Without
-      graphs the step attends over exactly the filled slots. decode_attention: "bmm" (the measured default: scores in the cache's dtype — see
-      kv_cache_dtype —, fp32 softmax) or "sdpa" (PyTorch's fused attention, fp32 scores: closer to HF's sdpa
-      path in bf16 on CUDA).
+      graphs the step attends over exactly the filled slots.
+    decode_attention: "bmm" (the measured default: scores in the cache's dtype — see kv_cache_dtype —, fp32
+      softmax) or "sdpa" (PyTorch's fused attention, fp32 scores: closer to HF's sdpa path in bf16 on CUDA).
     lora_precision: "auto" (LoRA terms in the model dtype for bf16/fp16 models — PEFT's fp32 terms are slow thin
       GEMMs on CUDA and on the CPU — else in the adapters' dtype, as PEFT), "adapter" (always PEFT's way) or
       "model" (always the model dtype, scale folded into B, one fused add).
