@@ -23,7 +23,7 @@ import torch
 
 from cpu_micro import add_row, parse, write_json
 
-from ultrafuser.modeling.fast_llama import Proj, add_lora_b32, xa_chunk_index
+from ultrafuser.modeling.fast_llama import Proj, add_lora_b32, lora_b32_buffers, xa_chunk_index
 
 
 def layer_us(M: int, G: int, r: int, hidden: int, inter: int, q_out: int, kv_out: int, layers: int, reps: int,
@@ -45,7 +45,7 @@ def layer_us(M: int, G: int, r: int, hidden: int, inter: int, q_out: int, kv_out
             ye = torch.randn((G * M, out + G * R), generator=gen).to(half)
             b32 = Proj._b_chunks(B, spans, outs)
             idx = xa_chunk_index(G, R, M, ye.shape[1], out, b32[1], b32[0].shape[1])
-            per.append((ye, out, R, B.to(half), b32, idx))
+            per.append((ye, out, R, B.to(half), b32, (idx, lora_b32_buffers(b32, M))))
         data.append(per)
 
     def run_half():
@@ -57,8 +57,8 @@ def layer_us(M: int, G: int, r: int, hidden: int, inter: int, q_out: int, kv_out
 
     def run_fp32():
         for per in data:
-            for ye, _, _, _, b32, idx in per:
-                add_lora_b32(ye, idx, b32, G, M)
+            for ye, _, _, _, b32, (idx, bufs) in per:
+                add_lora_b32(ye, idx, b32, G, M, bufs)
 
     best = {"half": float("inf"), "fp32": float("inf")}
     for run in (run_half, run_fp32):  # warm-up

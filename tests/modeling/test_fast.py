@@ -644,7 +644,7 @@ def test_lora_b_chunks_cover_unadapted_modules_and_fall_back():
     """`Proj._b_chunks` on its own: an unadapted module between two adapted ones gets zero chunks (its columns stay
     the base's), columns before the first adapted module are skipped, and widths whose gcd would need more than
     MAX_B_CHUNKS chunks give None (the caller keeps the bf16 product); the chunks added by `add_lora_b32` equal
-    (x·A)·B with the full batched B in fp32."""
+    (x·A)·B with the full batched B in fp32, x·A gathered (uneven chunk starts) or viewed (even ones)."""
     G, r, outs = 2, 3, [8, 12, 4, 8]  # module 0 unadapted, 1 and 3 adapted, 2 unadapted in between
     spans = [None, (0, r), None, (r, 2 * r)]
     R, out = 2 * r, sum(outs)
@@ -655,14 +655,26 @@ def test_lora_b_chunks_cover_unadapted_modules_and_fall_back():
     Bc, starts, col0, c = fast_llama.Proj._b_chunks(B, spans, outs)
     assert (col0, c, starts.tolist(), Bc.shape) == (8, 4, [0, 0, 0, 0, 3, 3], (G * 6, r, 4))
     assert torch.equal(Bc.view(G, 6, r, 4)[:, 3], torch.zeros(G, r, 4))  # module 2: zeros
+    # and two adapted modules of one width: chunk starts 0, r step evenly, so x·A is one strided view of ye (no
+    # take); with and without add_lora_b32's buffers
+    spans2, outs2 = [(0, r), (r, 2 * r)], [12, 12]
+    B2 = torch.zeros(G, R, 24)
+    B2[:, 0:r, :12], B2[:, r:, 12:] = torch.randn(G, r, 12, generator=g), torch.randn(G, r, 12, generator=g)
+    b32_2 = fast_llama.Proj._b_chunks(B2, spans2, outs2)
+    assert b32_2[1].tolist() == [0, r] and b32_2[3] == 12
     for M in (1, 3):
-        ye = torch.randn(G * M, out + G * R, generator=g)
-        want = ye[:, :out].clone().view(G, M, out)
-        for k in range(G):
-            want[k] += ye[k * M : (k + 1) * M, out + k * R : out + (k + 1) * R] @ B[k]
-        idx = fast_llama.xa_chunk_index(G, R, M, ye.shape[1], out, starts, r)
-        fast_llama.add_lora_b32(ye, idx, (Bc, starts, col0, c), G, M)
-        torch.testing.assert_close(ye[:, :out].view(G, M, out), want)
+        for full, b32, gathered in ((B, (Bc, starts, col0, c), True), (B2, b32_2, False)):
+            o = full.shape[2]
+            ye0 = torch.randn(G * M, o + G * R, generator=g)
+            want = ye0[:, :o].clone().view(G, M, o)
+            for k in range(G):
+                want[k] += ye0[k * M : (k + 1) * M, o + k * R : o + (k + 1) * R] @ full[k]
+            idx = fast_llama.xa_chunk_index(G, R, M, ye0.shape[1], o, b32[1], r)
+            assert isinstance(idx, torch.Tensor) == gathered
+            for bufs in (None, fast_llama.lora_b32_buffers(b32, M)):
+                ye = ye0.clone()
+                fast_llama.add_lora_b32(ye, idx, b32, G, M, bufs)
+                torch.testing.assert_close(ye[:, :o].view(G, M, o), want)
     assert fast_llama.Proj._b_chunks(B, spans, [8, 12, 4, 8 * fast_llama.MAX_B_CHUNKS]) is None  # gcd 4: too many
     assert fast_llama.Proj._b_chunks(B, spans, [8, 12, 4, 33]) is None  # gcd 1: 49 chunks
 

@@ -133,25 +133,50 @@ def cpu_few_rows(dtype: torch.dtype) -> float:
     return CPU_FEW_ROWS if dtype == torch.float32 else math.inf
 
 
-def xa_chunk_index(G: int, R: int, M: int, rs: int, out: int, starts: torch.Tensor, w: int) -> torch.Tensor:
-    """Flat indices into a LoRA-shared projection's base product ye (G·M, rs = out + G·R; each member's x·A as
-    G·R extra columns) of each chunk's x·A (see Proj._b_chunks), laid out as the fp32 product's input (G·n, M, w):
-    chunk k of member g reads row block g, columns out + g·R + starts[k] + 0..w-1."""
+def xa_chunk_index(G: int, R: int, M: int, rs: int, out: int, starts: torch.Tensor, w: int):
+    """Where a LoRA-shared projection's base product ye (G·M, rs = out + G·R; each member's x·A as G·R extra
+    columns) holds each chunk's x·A (see Proj._b_chunks), laid out as the fp32 product's input (G, n, M, w): chunk k
+    of member g reads row block g, columns out + g·R + starts[k] + 0..w-1. Where the chunks' starts step evenly
+    (one chunk, or gate|up's two) that is one strided view of ye: returns its (size, stride, offset from ye's
+    start); else flat indices (G·n, M, w) for a `take` (q|k|v: q's three chunks share one window)."""
     n = starts.numel()
+    st = starts.tolist()
+    step = st[1] - st[0] if n > 1 else 0
+    if all(b - a == step for a, b in zip(st, st[1:])):
+        return (G, n, M, w), (M * rs + R, step, rs, 1), out + st[0]
     g = torch.arange(G).view(G, 1, 1, 1)
     m = torch.arange(M).view(1, 1, M, 1)
     idx = (g * M + m) * rs + out + g * R + starts.view(1, n, 1, 1) + torch.arange(w).view(1, 1, 1, w)
     return idx.reshape(G * n, M, w)
 
 
-def add_lora_b32(ye: torch.Tensor, idx: torch.Tensor, b32: tuple, G: int, M: int) -> None:
+def lora_b32_buffers(b32: tuple, M: int) -> tuple:
+    """add_lora_b32's fp32 buffers for M rows per member: x·A (G·n, M, w) and the product (G·n, M, c)."""
+    B = b32[0]
+    return B.new_empty((B.shape[0], M, B.shape[1])), B.new_empty((B.shape[0], M, B.shape[2]))
+
+
+def add_lora_b32(ye: torch.Tensor, idx, b32: tuple, G: int, M: int, bufs: tuple | None = None) -> None:
     """Add every member's (x·A)·B into the base's output columns of ye (G·M, rs), in place: one fp32 bmm over the
-    chunks of B·scale (b32 = Proj._b_chunks' (B, starts, col0, c)), x·A gathered by `idx` (xa_chunk_index), the
-    sum formed in fp32 and rounded once into ye's dtype (as PEFT's result.to(dtype)). ye must be contiguous."""
+    chunks of B·scale (b32 = Proj._b_chunks' (B, starts, col0, c)), x·A read through `idx` (xa_chunk_index: a
+    strided view, converted to fp32 in one copy, or a `take`), the sum formed in fp32 and rounded once into ye's
+    dtype (as PEFT's result.to(dtype)). ye must be contiguous. bufs: fp32 buffers (G·n, M, w) and (G·n, M, c) for
+    x·A and the product (a decode step's projection reuses its own: no allocations)."""
     B, starts, col0, c = b32
-    n, rs = starts.numel(), ye.shape[1]
-    d = torch.bmm(torch.take(ye, idx).float(), B).view(G, n, M, c)
-    y = ye.as_strided((G, n, M, c), (M * rs, c, rs, 1), ye.storage_offset() + col0)
+    n, rs, o = starts.numel(), ye.shape[1], ye.storage_offset()
+    xa, d = bufs if bufs is not None else (None, None)
+    if isinstance(idx, torch.Tensor):
+        t = torch.take(ye, idx)
+        xa = t.float() if xa is None else xa.copy_(t)
+    else:
+        size, stride, off = idx
+        v = ye.as_strided(size, stride, o + off)
+        if xa is None:
+            xa = _contiguous_as(v, torch.float32).view(G * n, M, -1)
+        else:
+            xa.view(size).copy_(v)
+    d = (torch.bmm(xa, B) if d is None else torch.bmm(xa, B, out=d)).view(G, n, M, c)
+    y = ye.as_strided((G, n, M, c), (M * rs, c, rs, 1), o + col0)
     # the same values as y.add_(d), which converts y through temporaries (slightly slower in the decode step)
     y.copy_(d.add_(y))
 
@@ -403,7 +428,7 @@ class Proj:
             self.P = [mkldnn_pack(m) for m in mats]
             self.b_P = b_P
             del to_pack, mats
-        self._xa_idx: dict[int, torch.Tensor] = {}
+        self._xa_idx: dict = {}  # M -> xa_chunk_index(...)
         if self.a_in_base and cpu and lora_precision == "auto":  # "model": the B products in the model dtype too
             Bm, S, spans = lora_full
             self.b32 = self._b_chunks(Bm * S, spans, self.outs)
@@ -440,14 +465,16 @@ class Proj:
                 k, o0 = k + 1, o0 + c
         return B.view(G * n, w, c), torch.tensor(starts), col0, c
 
-    def _xa_index(self, M: int, rs: int, out: int) -> torch.Tensor:
-        """`xa_chunk_index` for this projection at M rows per member, cached."""
-        idx = self._xa_idx.get(M)
-        if idx is None:
+    def _xa_index(self, M: int, rs: int, out: int) -> tuple:
+        """(`xa_chunk_index`, add_lora_b32's buffers) for this projection at M rows per member, cached."""
+        got = self._xa_idx.get(M)
+        if got is None:
             B, starts = self.b32[0], self.b32[1]
             idx = xa_chunk_index(self.G, self.lora[0].shape[2], M, rs, out, starts, B.shape[1])
-            idx = self._xa_idx[M] = idx.to(B.device)
-        return idx
+            if isinstance(idx, torch.Tensor):
+                idx = idx.to(B.device)
+            got = self._xa_idx[M] = (idx, lora_b32_buffers(self.b32, M))
+        return got
 
     @property
     def forms(self) -> tuple[str, ...]:
@@ -487,7 +514,8 @@ class Proj:
             # member g's x·A_g: row block g, columns out + g·R ... (a strided view, no copy)
             return y.baddbmm_(ye.as_strided((G, M, R), (M * rs + R, rs, 1), o + out), self.lora[1])
         # CPU decode steps (few rows per member, see CPU_FP32_B_ROWS): one fp32 product over the chunks of B
-        add_lora_b32(ye, self._xa_index(M, rs, out), self.b32, G, M)
+        idx, bufs = self._xa_index(M, rs, out)
+        add_lora_b32(ye, idx, self.b32, G, M, bufs)
         return y
 
     def _w_xt(self, x: torch.Tensor) -> torch.Tensor:
@@ -897,11 +925,18 @@ class Group:
             bias = torch.zeros((B, G, Hkv, 1, t_attn), device=tok.device, dtype=kd)
             bias = bias.masked_fill(~allowed.view(B, G, 1, 1, t_attn), NEG_INF).view(B * G * Hkv, 1, t_attn)
         pf, hf = self.forms_for(B)
+        # the CPU (no graph capture) writes the new keys / values at a host-known slot: one converting copy per
+        # cache instead of a conversion and an index_copy_ (same values)
+        slot = int(cur) if self.device.type == "cpu" else None
         for i, Lw in enumerate(self.layers):
             q, k, v = self._layer_qkv(Lw, x, cos, sin, pf)  # (G, B, 1, heads, D)
             kc, vc = self.k_cache[i][:B], self.v_cache[i][:B]  # contiguous (B, G, Hkv, T_max, D)
-            kc.index_copy_(3, cur, k.permute(1, 0, 3, 2, 4).to(kd))
-            vc.index_copy_(3, cur, v.permute(1, 0, 3, 2, 4).to(kd))
+            if slot is None:
+                kc.index_copy_(3, cur, k.permute(1, 0, 3, 2, 4).to(kd))
+                vc.index_copy_(3, cur, v.permute(1, 0, 3, 2, 4).to(kd))
+            else:
+                kc.select(3, slot).copy_(k.squeeze(2).transpose(0, 1))
+                vc.select(3, slot).copy_(v.squeeze(2).transpose(0, 1))
             kv_k = kc[:, :, :, :t_attn].view(B * G * Hkv, t_attn, D)  # a view: the cache is never copied
             kv_v = vc[:, :, :, :t_attn].view(B * G * Hkv, t_attn, D)
             qh = _contiguous_as(q.reshape(G, B, Hkv, self.rep, D).transpose(0, 1), kd).view(B * G * Hkv, self.rep, D)
