@@ -745,6 +745,17 @@ def test_cpu_lora_b_benchmark_runs(tmp_path):
     assert all(x["half_us"] > 0 and x["fp32_us"] > 0 and x["half_over_fp32"] > 0 for x in res["rows"])
 
 
+def test_cpu_lora_parts_benchmark_runs(tmp_path):
+    """bench/cpu_lora_parts.py (the LoRA-shared CPU step split by ablation) runs on the tiny shape in bf16 and writes
+    every mode's ms per step and the derived costs."""
+    res = run_bench_script("cpu_lora_parts.py", ["--shape", "tiny", "--batches", "2", "--reps", "1", "--steps", "4",
+                                                 "--prompt-len", "8", "--rank", "4"], tmp_path / "parts.json")
+    ms = res["batches"]["2"]["ms_step"]
+    assert set(ms) == {"single", "lora", "lora-no-b", "lora-b-bmm-only", "lora-b-no-add", "noadapters"}
+    assert all(v > 0 for v in ms.values()) and res["env"]["dtype"] == "bfloat16"
+    assert res["batches"]["2"]["lora_tput_vs_single"] == round(ms["single"] / ms["lora"], 3)
+
+
 def test_finished_rows_leave_the_batch(dense, lora):
     """Without CUDA graphs, rows that finished are compacted out of the batch (their cache rows too); the rows
     still running give the reference's tokens — greedy and sampled (each row keeps its own generator)."""
