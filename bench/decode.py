@@ -965,7 +965,9 @@ def main(argv=None):
                     help="FastFusedDecoder(cpu_matmul=...): how CPU decode steps run their matmuls")
     ap.add_argument("--also-refs", action="store_true", help="also time fast-fused with weights='refs'")
     ap.add_argument(
-        "--also-sdpa", action="store_true", help="also time fast-fused with decode_attention='sdpa'"
+        "--also-sdpa", action="store_true",
+        help="also time fast-fused with decode_attention='sdpa' (the CUDA default since 2026-11-27: with "
+             "--decode-attention bmm this times the two side by side)"
     )
     ap.add_argument("--lora-rank", type=int, default=16, help="0 skips the LoRA-shared phase")
     ap.add_argument("--lora-precision", default="auto", choices=["auto", "adapter", "model"],
@@ -988,9 +990,9 @@ def main(argv=None):
     ap.add_argument("--also-no-adapters", action="store_true",
                     help="also time the LoRA-shared group with no adapter at all (mode fast-lora-noadapters: three "
                          "rows per prompt through the base, no low-rank terms: what the adapters themselves cost)")
-    ap.add_argument("--decode-attention", default="bmm", choices=["bmm", "sdpa"],
-                    help="FastFusedDecoder(decode_attention=...) for every fast decoder (--also-sdpa: the dense "
-                         "phase's fused step both ways)")
+    ap.add_argument("--decode-attention", default="auto", choices=["auto", "bmm", "sdpa"],
+                    help="FastFusedDecoder(decode_attention=...) for every fast decoder (auto: sdpa on CUDA, bmm on "
+                         "the CPU; --also-sdpa: the dense phase's fused step with sdpa as well)")
     ap.add_argument("--also-bucket", type=int, default=None, metavar="N",
                     help="CUDA graphs: also time the fast decoders with a fixed attention bucket of N slots (modes "
                          "*-bN; the default is growing buckets, see fast.attention_length), side by side")

@@ -215,6 +215,10 @@ def test_attention_length_buckets(dense):
     for bad in (0, -32, 1.5, True):
         with pytest.raises(ValueError, match="bucket"):
             FastFusedDecoder(dense[0], max_batch=4, max_len=256, cuda_graphs="emulate", bucket=bad)
+    # decode_attention="auto" (default): PyTorch's fused attention on CUDA, the bmm form on the CPU
+    assert [g.attention for g in FastFusedDecoder(dense[0], max_batch=4, max_len=256).groups] == ["bmm"]
+    with pytest.raises(ValueError, match="decode_attention"):
+        FastFusedDecoder(dense[0], max_batch=4, max_len=256, decode_attention="flash")
 
 
 def test_graph_path_default_growing_buckets_and_bench_override(dense, lora):

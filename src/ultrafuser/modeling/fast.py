@@ -165,8 +165,10 @@ class FastFusedDecoder:
       read are padding and a long generation captures 8 graphs per doubling of its length (see
       `attention_length`; the fixed 128 before 2026-11-27 read 384 slots for every step from 257 to 384). Without
       graphs the step attends over exactly the filled slots.
-    decode_attention: "bmm" (the measured default: scores in the cache's dtype — see kv_cache_dtype —, fp32
-      softmax) or "sdpa" (PyTorch's fused attention, fp32 scores: closer to HF's sdpa path in bf16 on CUDA).
+    decode_attention: "bmm" (scores in the cache's dtype — see kv_cache_dtype —, fp32 softmax), "sdpa"
+      (PyTorch's fused attention, fp32 scores: closer to HF's sdpa path in bf16 on CUDA) or "auto" (default: sdpa
+      on CUDA — 1-5 % faster steps with 7B shapes on an H100 and an H200, docs/benchmarks.md, seventh run —, bmm
+      on the CPU, where PyTorch's fused attention was no faster for a decode step's few rows).
     lora_precision: "auto" (LoRA terms in the model dtype for bf16/fp16 models — PEFT's fp32 terms are slow thin
       GEMMs on CUDA and on the CPU — else in the adapters' dtype, as PEFT), "adapter" (always PEFT's way) or
       "model" (always the model dtype, scale folded into B, one fused add).
@@ -198,7 +200,7 @@ class FastFusedDecoder:
         pipeline: bool | None = None,
         sampler: str = "auto",
         bucket: int | None = None,
-        decode_attention: str = "bmm",
+        decode_attention: str = "auto",
         lora_precision: str = "auto",
         cpu_matmul: str = "auto",
         mix_before_head: bool = True,
@@ -241,6 +243,8 @@ class FastFusedDecoder:
         )
         self._weights_arg = weights
         self._groups_arg = groups
+        if decode_attention not in ("auto", "bmm", "sdpa"):
+            raise ValueError(f"decode_attention={decode_attention!r}: use auto, bmm or sdpa")
         self.decode_attention = decode_attention
         self._build()
         n_dev = len({g.device for g in self.groups})
@@ -312,7 +316,8 @@ class FastFusedDecoder:
                 mode,
                 self.max_batch,
                 self.max_len,
-                attention=self.decode_attention,
+                attention=self.decode_attention if self.decode_attention != "auto" else (
+                    "sdpa" if _is_cuda(self.devices[ks[0]]) else "bmm"),
                 lora_precision=self.lora_precision,
                 cpu_matmul=self.cpu_matmul,
                 kv_cache_dtype=self.kv_cache_dtype,
