@@ -167,7 +167,7 @@ class FastFusedDecoder:
       graphs the step attends over exactly the filled slots.
     decode_attention: "bmm" (scores in the cache's dtype — see kv_cache_dtype —, fp32 softmax), "sdpa"
       (PyTorch's fused attention, fp32 scores: closer to HF's sdpa path in bf16 on CUDA) or "auto" (default: sdpa
-      on CUDA — 1-5 % faster steps with 7B shapes on an H100 and an H200, docs/benchmarks.md, seventh run —, bmm
+      on CUDA — 1-5 % faster steps with 7B shapes on an H100 and an H200, docs/benchmarks.md, runs 7-8 —, bmm
       on the CPU, where PyTorch's fused attention was no faster for a decode step's few rows).
     lora_precision: "auto" (LoRA terms in the model dtype for bf16/fp16 models — PEFT's fp32 terms are slow thin
       GEMMs on CUDA and on the CPU — else in the adapters' dtype, as PEFT), "adapter" (always PEFT's way) or

@@ -160,22 +160,17 @@ def add_lora_b32(ye: torch.Tensor, idx, b32: tuple, G: int, M: int, bufs: tuple 
     """Add every member's (x·A)·B into the base's output columns of ye (G·M, rs), in place: one fp32 bmm over the
     chunks of B·scale (b32 = Proj._b_chunks' (B, starts, col0, c)), x·A read through `idx` (xa_chunk_index: a
     strided view, converted to fp32 in one copy, or a `take`), the sum formed in fp32 and rounded once into ye's
-    dtype (as PEFT's result.to(dtype)). ye must be contiguous. bufs: fp32 buffers (G·n, M, w) and (G·n, M, c) for
-    x·A and the product (a decode step's projection reuses its own: no allocations)."""
+    dtype (as PEFT's result.to(dtype)). ye must be contiguous. bufs: `lora_b32_buffers(b32, M)` for x·A and the
+    product (a decode step's projection reuses its own: no allocations; None allocates them)."""
     B, starts, col0, c = b32
     n, rs, o = starts.numel(), ye.shape[1], ye.storage_offset()
-    xa, d = bufs if bufs is not None else (None, None)
+    xa, d = bufs if bufs is not None else lora_b32_buffers(b32, M)
     if isinstance(idx, torch.Tensor):
-        t = torch.take(ye, idx)
-        xa = t.float() if xa is None else xa.copy_(t)
+        xa.copy_(torch.take(ye, idx))
     else:
         size, stride, off = idx
-        v = ye.as_strided(size, stride, o + off)
-        if xa is None:
-            xa = _contiguous_as(v, torch.float32).view(G * n, M, -1)
-        else:
-            xa.view(size).copy_(v)
-    d = (torch.bmm(xa, B) if d is None else torch.bmm(xa, B, out=d)).view(G, n, M, c)
+        xa.view(size).copy_(ye.as_strided(size, stride, o + off))
+    d = torch.bmm(xa, B, out=d).view(G, n, M, c)
     y = ye.as_strided((G, n, M, c), (M * rs, c, rs, 1), o + col0)
     # the same values as y.add_(d), which converts y through temporaries (slightly slower in the decode step)
     y.copy_(d.add_(y))
