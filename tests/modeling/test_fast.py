@@ -732,11 +732,12 @@ def test_cpu_head_benchmark_runs(tmp_path):
 
 def test_cpu_attention_benchmark_runs(tmp_path):
     """bench/cpu_attention.py (the measurement behind the CPU's fp32 KV cache) runs on a small shape and writes its
-    JSON with both caches timed per row count."""
+    JSON with both caches (and PyTorch's fused attention on the half one) timed per row count."""
     res = run_bench_script("cpu_attention.py", ["--batches", "1,3", "--layers", "2", "--prompt-len", "8", "--steps",
                                                 "4", "--reps", "1", "--threads", "1"], tmp_path / "attn.json")
     assert res["dtype"] == "bfloat16" and [x["rows"] for x in res["rows"]] == [1, 3]
-    assert all(x["half_us"] > 0 and x["fp32_us"] > 0 and x["half_over_fp32"] > 0 for x in res["rows"])
+    assert all(x["half_us"] > 0 and x["fp32_us"] > 0 and x["half_over_fp32"] > 0 and x["sdpa_half_us"] > 0
+               for x in res["rows"])
 
 
 def test_cpu_lora_b_benchmark_runs(tmp_path):
