@@ -11,7 +11,8 @@ copies weights), then the LoRA-shared phase (one base, an adapter per specialist
 first one the bare base —: naive-lora, fast-lora, fast-single);
 times every step through the generation stream (host clocks after the per-step sync: the token ids must reach
 the host); reports the median ms/step, tok/s, the fraction of the floor (bytes_step / bandwidth with
-bytes_step = N × (params × bytes + KV bytes), LoRA: base + adapters + N × KV) and performance.md's ratios;
+bytes_step = N × (params × bytes + KV bytes), LoRA: base + adapters + N × KV) and performance.md's ratios (with
+several repetitions, the two headline ratios also per repetition: `*_per_rep`, the spread inside the run);
 checks the fast tokens against the naive ones (`tokens_match`) and teacher-forced logits; writes JSON after
 every measurement (a crash or timeout keeps what was measured) and prints a compact table last.
 """
@@ -396,6 +397,7 @@ class Bench:
             prefill, steps, toks = timed_stream(fn(), device)
             r = res.setdefault(mode, {"steps_ms": [], "prefill_ms": []})
             r["steps_ms"] += steps
+            r.setdefault("rep_ms", []).append(round(statistics.median(steps), 3))  # this repetition's median
             r["prefill_ms"].append(prefill)
             r["tokens"] = toks
             return True
@@ -487,7 +489,16 @@ class Bench:
         def pf(m):
             return res.get(m, {}).get("prefill_ms_median")
 
+        def per_rep(num, den, k):  # k·num/den for each repetition: the modes run interleaved, so rep i pairs them
+            a, b = res.get(num, {}).get("rep_ms") or [], res.get(den, {}).get("rep_ms") or []
+            return [round(k * x / y, 3) for x, y in zip(a, b)]
+
         rt = {}
+        # the spread of the two headline ratios inside this run (one value per repetition, when there are several)
+        for key, num, den, k in (("fast_fused_tput_vs_single_over_3_per_rep", "fast-single", "fast-fused", 3),
+                                 ("lora_shared_tput_vs_single_per_rep", "fast-single", "fast-lora", 1)):
+            if len(v := per_rep(num, den, k)) > 1:
+                rt[key] = v
         if ms("fast-fused") and ms("fast-single"):
             rt["fast_fused_vs_3x_single"] = round(ms("fast-fused") / (3 * ms("fast-single")), 3)
             rt["fast_fused_tput_vs_single_over_3"] = round(3 * ms("fast-single") / ms("fast-fused"), 3)

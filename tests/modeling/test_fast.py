@@ -468,14 +468,15 @@ def test_benchmark_script_cpu_tiny(tmp_path):
 def test_benchmark_script_lora_only_with_model_dtype_terms(tmp_path):
     """`--lora-only` builds one model and times only the LoRA-shared phase; with `--lora-precision model` the fp32
     tiny run takes the A-in-the-base path and its greedy tokens still equal the reference's. `--lora-adapters 2`
-    leaves the first specialist the bare base; `--also-no-adapters` times the group with no adapter at all."""
+    leaves the first specialist the bare base; `--also-no-adapters` times the group with no adapter at all; with two
+    repetitions the LoRA-shared ratio is also reported per repetition."""
     bench = load_bench_decode()
     out = tmp_path / "decode.json"
     n = torch.get_num_threads()
     try:
         bench.main(["--shape", "tiny", "--device", "cpu", "--json", str(out), "--steps", "16", "--batches", "2",
                     "--prompt-len", "12", "--lora-rank", "4", "--lora-only", "--lora-precision", "model",
-                    "--lora-adapters", "2", "--also-no-adapters"])
+                    "--lora-adapters", "2", "--also-no-adapters", "--reps", "2"])
     finally:
         torch.set_num_threads(n)
     d = json.loads(out.read_text())
@@ -487,6 +488,10 @@ def test_benchmark_script_lora_only_with_model_dtype_terms(tmp_path):
     assert lb["fast-lora"]["ms_step"] > 0 and "lora_shared_vs_one_model" in lb["ratios"]
     assert s["lora"]["adapters"] == ["(bare base)", "code", "math"]
     assert lb["fast-lora-noadapters"]["ms_step"] > 0 and lb["ratios"]["no_adapters_tput_vs_single"] > 0
+    # one median per repetition (--reps 2), and the ratio's spread paired repetition by repetition
+    single, lora = lb["fast-single"]["rep_ms"], lb["fast-lora"]["rep_ms"]
+    assert len(single) == len(lora) == 2 and all(x > 0 for x in single + lora)
+    assert lb["ratios"]["lora_shared_tput_vs_single_per_rep"] == [round(a / b, 3) for a, b in zip(single, lora)]
 
 
 def test_benchmark_script_bf16_cache_side_by_side(tmp_path):
