@@ -23,7 +23,7 @@ import torch
 
 from cpu_micro import add_row, parse, write_json
 
-from ultrafuser.modeling.fast_llama import Proj, add_lora_b32, lora_b32_buffers, xa_chunk_index
+from ultrafuser.modeling.fast_llama import Proj, add_lora_b32, lora_b32_plan
 
 
 def layer_us(M: int, G: int, r: int, hidden: int, inter: int, q_out: int, kv_out: int, layers: int, reps: int,
@@ -44,21 +44,20 @@ def layer_us(M: int, G: int, r: int, hidden: int, inter: int, q_out: int, kv_out
                 o0 += n
             ye = torch.randn((G * M, out + G * R), generator=gen).to(half)
             b32 = Proj._b_chunks(B, spans, outs)
-            idx = xa_chunk_index(G, R, M, ye.shape[1], out, b32[1], b32[0].shape[1])
-            per.append((ye, out, R, B.to(half), b32, (idx, lora_b32_buffers(b32, M))))
+            per.append((ye, out, R, B.to(half), lora_b32_plan(b32, G, R, M, ye.shape[1], out)))
         data.append(per)
 
     def run_half():
         for per in data:
-            for ye, out, R, Bh, _, _ in per:
+            for ye, out, R, Bh, _ in per:
                 rs = ye.shape[1]
                 y = ye.as_strided((G, M, out), (M * rs, rs, 1), 0)
                 y.baddbmm_(ye.as_strided((G, M, R), (M * rs + R, rs, 1), out), Bh)
 
     def run_fp32():
         for per in data:
-            for ye, _, _, _, b32, (idx, bufs) in per:
-                add_lora_b32(ye, idx, b32, G, M, bufs)
+            for ye, _, _, _, plan in per:
+                add_lora_b32(ye, plan)
 
     best = {"half": float("inf"), "fp32": float("inf")}
     for run in (run_half, run_fp32):  # warm-up

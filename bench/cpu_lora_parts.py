@@ -42,21 +42,19 @@ from ultrafuser.modeling.generation import SamplingParams
 def b_part(skip: set):
     """add_lora_b32 with some of its three parts (x·A gather, B product, add) left out."""
 
-    def run(ye, idx, b32, G, M, bufs=None):
-        B, starts, col0, c = b32
-        n, rs, o = starts.numel(), ye.shape[1], ye.storage_offset()
-        xa, d = bufs if bufs is not None else fast_llama.lora_b32_buffers(b32, M)
+    def run(ye, plan):
+        xa, src, B, d, d4, (size, stride, col0) = plan
+        o = ye.storage_offset()
         if "xa" not in skip:
-            if isinstance(idx, torch.Tensor):
-                xa.copy_(torch.take(ye, idx))
+            if isinstance(src, torch.Tensor):
+                xa.copy_(torch.take(ye, src))
             else:
-                size, stride, off = idx
-                xa.view(size).copy_(ye.as_strided(size, stride, o + off))
+                src[0].copy_(ye.as_strided(src[1], src[2], o + src[3]))
         if "bmm" not in skip:
             torch.bmm(xa, B, out=d)
         if "add" not in skip:
-            y = ye.as_strided((G, n, M, c), (M * rs, c, rs, 1), o + col0)
-            y.copy_(d.view(G, n, M, c).add_(y))
+            y = ye.as_strided(size, stride, o + col0)
+            y.copy_(d4.add_(y))
 
     return run
 

@@ -665,7 +665,7 @@ def test_lora_b_chunks_cover_unadapted_modules_and_fall_back():
     assert (col0, c, starts.tolist(), Bc.shape) == (8, 4, [0, 0, 0, 0, 3, 3], (G * 6, r, 4))
     assert torch.equal(Bc.view(G, 6, r, 4)[:, 3], torch.zeros(G, r, 4))  # module 2: zeros
     # and two adapted modules of one width: chunk starts 0, r step evenly, so x·A is one strided view of ye (no
-    # take); with and without add_lora_b32's buffers
+    # take); one plan (buffers, views) reused for two calls
     spans2, outs2 = [(0, r), (r, 2 * r)], [12, 12]
     B2 = torch.zeros(G, R, 24)
     B2[:, 0:r, :12], B2[:, r:, 12:] = torch.randn(G, r, 12, generator=g), torch.randn(G, r, 12, generator=g)
@@ -680,10 +680,13 @@ def test_lora_b_chunks_cover_unadapted_modules_and_fall_back():
                 want[k] += ye0[k * M : (k + 1) * M, o + k * R : o + (k + 1) * R] @ full[k]
             idx = fast_llama.xa_chunk_index(G, R, M, ye0.shape[1], o, b32[1], r)
             assert isinstance(idx, torch.Tensor) == gathered
-            for bufs in (None, fast_llama.lora_b32_buffers(b32, M)):
+            plan = fast_llama.lora_b32_plan(b32, G, R, M, ye0.shape[1], o)
+            assert isinstance(plan[1], torch.Tensor) == gathered
+            for _ in range(2):  # the plan's buffers and views serve call after call
                 ye = ye0.clone()
-                fast_llama.add_lora_b32(ye, idx, b32, G, M, bufs)
+                fast_llama.add_lora_b32(ye, plan)
                 torch.testing.assert_close(ye[:, :o].view(G, M, o), want)
+                assert torch.equal(ye[:, o:], ye0[:, o:])  # the x·A columns are only read
     assert fast_llama.Proj._b_chunks(B, spans, [8, 12, 4, 8 * fast_llama.MAX_B_CHUNKS]) is None  # gcd 4: too many
     assert fast_llama.Proj._b_chunks(B, spans, [8, 12, 4, 33]) is None  # gcd 1: 49 chunks
 

@@ -150,30 +150,35 @@ def xa_chunk_index(G: int, R: int, M: int, rs: int, out: int, starts: torch.Tens
     return idx.reshape(G * n, M, w)
 
 
-def lora_b32_buffers(b32: tuple, M: int) -> tuple:
-    """add_lora_b32's fp32 buffers for M rows per member: x·A (G·n, M, w) and the product (G·n, M, c)."""
-    B = b32[0]
-    return B.new_empty((B.shape[0], M, B.shape[1])), B.new_empty((B.shape[0], M, B.shape[2]))
-
-
-def add_lora_b32(ye: torch.Tensor, idx, b32: tuple, G: int, M: int, bufs: tuple | None = None) -> None:
-    """Add every member's (x·A)·B into the base's output columns of ye (G·M, rs), in place: one fp32 bmm over the
-    chunks of B·scale (b32 = Proj._b_chunks' (B, starts, col0, c)), x·A read through `idx` (xa_chunk_index: a
-    strided view, converted to fp32 in one copy, or a `take`), the sum formed in fp32 and rounded once into ye's
-    dtype (as PEFT's result.to(dtype)). ye must be contiguous. bufs: `lora_b32_buffers(b32, M)` for x·A and the
-    product (a decode step's projection reuses its own: no allocations; None allocates them)."""
+def lora_b32_plan(b32: tuple, G: int, R: int, M: int, rs: int, out: int) -> tuple:
+    """What `add_lora_b32` needs for one projection at M rows per member, made once (a decode step's projection
+    caches it per M, so a step allocates nothing and builds no views it can keep): fp32 buffers for x·A (G·n, M, w)
+    and the product (G·n, M, c), where x·A sits in the base's product ye (G·M, rs) with `out` base columns
+    (`xa_chunk_index`: a strided view of ye, written through a view of the buffer, or indices for a `take`), the
+    product's (G, n, M, c) view and where it goes in ye (size, stride, first column). b32: Proj._b_chunks' result."""
     B, starts, col0, c = b32
-    n, rs, o = starts.numel(), ye.shape[1], ye.storage_offset()
-    xa, d = bufs if bufs is not None else lora_b32_buffers(b32, M)
-    if isinstance(idx, torch.Tensor):
-        xa.copy_(torch.take(ye, idx))
+    n, w = starts.numel(), B.shape[1]
+    xa, d = B.new_empty((B.shape[0], M, w)), B.new_empty((B.shape[0], M, c))
+    idx = xa_chunk_index(G, R, M, rs, out, starts, w)
+    src = idx.to(B.device) if isinstance(idx, torch.Tensor) else (xa.view(idx[0]), *idx)
+    return xa, src, B, d, d.view(G, n, M, c), ((G, n, M, c), (M * rs, c, rs, 1), col0)
+
+
+def add_lora_b32(ye: torch.Tensor, plan: tuple) -> None:
+    """Add every member's (x·A)·B into the base's output columns of ye (G·M, rs), in place: one fp32 bmm over the
+    chunks of B·scale (Proj._b_chunks), x·A converted to fp32 in one copy (from a strided view of ye, or a `take`),
+    the sum formed in fp32 and rounded once into ye's dtype (as PEFT's result.to(dtype)). ye must be contiguous;
+    plan: `lora_b32_plan(...)` for ye's shape (its buffers are reused, so one plan serves one call at a time)."""
+    xa, src, B, d, d4, (size, stride, col0) = plan
+    o = ye.storage_offset()
+    if isinstance(src, torch.Tensor):
+        xa.copy_(torch.take(ye, src))
     else:
-        size, stride, off = idx
-        xa.view(size).copy_(ye.as_strided(size, stride, o + off))
-    d = torch.bmm(xa, B, out=d).view(G, n, M, c)
-    y = ye.as_strided((G, n, M, c), (M * rs, c, rs, 1), o + col0)
-    # the same values as y.add_(d), which converts y through temporaries (slightly slower in the decode step)
-    y.copy_(d.add_(y))
+        src[0].copy_(ye.as_strided(src[1], src[2], o + src[3]))
+    torch.bmm(xa, B, out=d)
+    y = ye.as_strided(size, stride, o + col0)
+    # the same values as y.add_(d4), which converts y through temporaries (slightly slower in the decode step)
+    y.copy_(d4.add_(y))
 
 
 class Unsupported(ValueError):
@@ -423,7 +428,7 @@ class Proj:
             self.P = [mkldnn_pack(m) for m in mats]
             self.b_P = b_P
             del to_pack, mats
-        self._xa_idx: dict = {}  # M -> xa_chunk_index(...)
+        self._b32_plans: dict = {}  # M -> lora_b32_plan(...)
         if self.a_in_base and cpu and lora_precision == "auto":  # "model": the B products in the model dtype too
             Bm, S, spans = lora_full
             self.b32 = self._b_chunks(Bm * S, spans, self.outs)
@@ -460,16 +465,12 @@ class Proj:
                 k, o0 = k + 1, o0 + c
         return B.view(G * n, w, c), torch.tensor(starts), col0, c
 
-    def _xa_index(self, M: int, rs: int, out: int) -> tuple:
-        """(`xa_chunk_index`, add_lora_b32's buffers) for this projection at M rows per member, cached."""
-        got = self._xa_idx.get(M)
-        if got is None:
-            B, starts = self.b32[0], self.b32[1]
-            idx = xa_chunk_index(self.G, self.lora[0].shape[2], M, rs, out, starts, B.shape[1])
-            if isinstance(idx, torch.Tensor):
-                idx = idx.to(B.device)
-            got = self._xa_idx[M] = (idx, lora_b32_buffers(self.b32, M))
-        return got
+    def _b32_plan(self, M: int, rs: int, out: int) -> tuple:
+        """`lora_b32_plan` for this projection at M rows per member, cached."""
+        plan = self._b32_plans.get(M)
+        if plan is None:
+            plan = self._b32_plans[M] = lora_b32_plan(self.b32, self.G, self.lora[0].shape[2], M, rs, out)
+        return plan
 
     @property
     def forms(self) -> tuple[str, ...]:
@@ -509,8 +510,7 @@ class Proj:
             # member g's x·A_g: row block g, columns out + g·R ... (a strided view, no copy)
             return y.baddbmm_(ye.as_strided((G, M, R), (M * rs + R, rs, 1), o + out), self.lora[1])
         # CPU decode steps (few rows per member, see CPU_FP32_B_ROWS): one fp32 product over the chunks of B
-        idx, bufs = self._xa_index(M, rs, out)
-        add_lora_b32(ye, idx, self.b32, G, M, bufs)
+        add_lora_b32(ye, self._b32_plan(M, rs, out))
         return y
 
     def _w_xt(self, x: torch.Tensor) -> torch.Tensor:
