@@ -4,9 +4,9 @@ softmax in fp32, then the weighted values — with the cache in the model's half
 dtype, as the fast path did before), with the cache in fp32 (what it keeps on the CPU now), and with the
 half-precision cache through PyTorch's fused attention (`sdpa_half_us`: F.scaled_dot_product_attention, fp32
 scores inside, output in the half dtype; half the cache bytes of fp32, the alternative weighed against it).
-Default shape: SmolLM2-135M (30 layers, 3 KV heads of 64, 3 query heads each); `--batches` counts batch rows x members, e.g. 4
-prompts x 3 LoRA specialists = 12. `--prompt-len` sets where the attention length starts: the fp32 cache reads
-twice the bytes, so at long lengths its advantage shrinks.
+Default shape: SmolLM2-135M (30 layers, 3 KV heads of 64, 3 query heads each); `--batches` counts batch rows x
+members, e.g. 4 prompts x 3 LoRA specialists = 12. `--prompt-len` sets where the attention length starts: the fp32
+cache reads twice the bytes, so at long lengths its advantage shrinks.
 
     python bench/cpu_attention.py [--batches 1,3,4,12 --prompt-len 64 --steps 32 --dtype bfloat16 --json OUT.json]
 """
