@@ -758,6 +758,23 @@ def test_cpu_lora_b_benchmark_runs(tmp_path):
     assert all(x["half_us"] > 0 and x["fp32_us"] > 0 and x["half_over_fp32"] > 0 for x in res["rows"])
 
 
+def test_cpu_rows_benchmark_runs(tmp_path):
+    """bench/cpu_rows.py (the projections' cost at one model's rows vs the LoRA-shared group's) runs on the tiny
+    shape and writes, per batch, both modes' row counts, times and the rates derived from them."""
+    res = run_bench_script("cpu_rows.py", ["--shape", "tiny", "--batches", "1,2", "--reps", "2", "--rank", "4"],
+                           tmp_path / "rows.json")
+    assert res["dtype"] == "bfloat16" and res["gemm_ceiling_GFLOPs"] > 0 and res["copy_bandwidth_GBps"] > 0
+    for B in (1, 2):
+        r = res["batches"][str(B)]
+        assert (r["single"]["rows"], r["lora"]["rows"]) == (B, 3 * B)
+        assert all(r[m]["cold_ms"] > 0 and r[m]["hot_ms"] > 0 for m in ("single", "lora"))
+        assert r["lora_over_single_cold"] == round(r["lora"]["cold_ms"] / r["single"]["cold_ms"], 3)
+        # the tiny shape's 2 layers in bf16: q|k|v 64 -> 128 + 3 x 12 x·A columns, o 64 -> 64 + 12, gate|up
+        # 64 -> 256 + 24, down 128 -> 64 + 12: the bytes behind cold_GBps
+        byt = 2 * 2 * (64 * (128 + 36) + 64 * (64 + 12) + 64 * (256 + 24) + 128 * (64 + 12))
+        assert r["lora"]["cold_GBps"] == round(byt / r["lora"]["cold_ms"] / 1e6, 1)
+
+
 def test_cpu_lora_parts_benchmark_runs(tmp_path):
     """bench/cpu_lora_parts.py (the LoRA-shared CPU step split by ablation) runs on the tiny shape in bf16 and writes
     every mode's ms per step and the derived costs."""
