@@ -5,7 +5,8 @@ its output columns, two ways —
 - half: one half-precision `baddbmm_` over the zero-padded batched B (G, R, out) per projection (the way for many
   rows, and on CUDA);
 - fp32: one fp32 `bmm` per projection over B·scale in fp32 cut into equal chunks (`Proj._b_chunks`), added into
-  the modules' columns (`fast_llama.add_lora_b32`: the CPU decode step's way up to CPU_FP32_B_ROWS rows per member).
+  the modules' columns (`fast_llama.add_lora_b32_ops`: the CPU decode step's way up to CPU_FP32_B_ROWS rows per
+  member, as PyTorch ops; bf16 models run the same sums in one C kernel where it builds, `cpu_kernels`).
 
 Default shape: SmolLM2-135M with r-16 adapters on all seven projections (q|k|v, o, gate|up, down), three members;
 `--rows` counts rows per member (a decode step's batch). Every layer has its own B, so they come from memory as in
@@ -23,7 +24,7 @@ import torch
 
 from cpu_micro import add_row, parse, write_json
 
-from ultrafuser.modeling.fast_llama import Proj, add_lora_b32, lora_b32_plan
+from ultrafuser.modeling.fast_llama import Proj, add_lora_b32_ops, lora_b32_plan
 
 
 def layer_us(M: int, G: int, r: int, hidden: int, inter: int, q_out: int, kv_out: int, layers: int, reps: int,
@@ -57,7 +58,7 @@ def layer_us(M: int, G: int, r: int, hidden: int, inter: int, q_out: int, kv_out
     def run_fp32():
         for per in data:
             for ye, _, _, _, plan in per:
-                add_lora_b32(ye, plan)
+                add_lora_b32_ops(ye, plan)
 
     best = {"half": float("inf"), "fp32": float("inf")}
     for run in (run_half, run_fp32):  # warm-up

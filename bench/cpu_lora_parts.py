@@ -7,8 +7,9 @@ Modes (one random bf16 base of the SmolLM2-135M shape + three random r-16 adapte
 `bench/decode.py --lora-only`):
 
 - `single`: one model (the base) — the reference of issue 8's "LoRA-shared ≥ 0.6 × single" on the CPU;
-- `lora`: the three specialists as one group (each member's x·A in the base's product, (x·A)·B as one fp32 product
-  per projection, `fast_llama.add_lora_b32`);
+- `lora`: the three specialists as one group (each member's x·A in the base's product, (x·A)·B in fp32 per
+  projection, `fast_llama.add_lora_b32`: the C kernel of `cpu_kernels` where it builds, else PyTorch ops);
+- `lora-ops`: the same with the PyTorch ops (`fast_llama.add_lora_b32_ops`: one fp32 product per projection);
 - `lora-no-b`: the same with `add_lora_b32` a no-op — the x·A columns are computed, the B products and their adds
   are not;
 - `lora-b-bmm-only`: only the B products (no x·A gather, no add);
@@ -43,7 +44,7 @@ def b_part(skip: set):
     """add_lora_b32 with some of its three parts (x·A gather, B product, add) left out."""
 
     def run(ye, plan):
-        xa, src, B, d, d4, (size, stride, col0) = plan
+        xa, src, B, d, d4, (size, stride, col0) = plan[:6]
         o = ye.storage_offset()
         if "xa" not in skip:
             if isinstance(src, torch.Tensor):
@@ -85,6 +86,7 @@ def main(argv=None) -> int:
     modes = {  # name -> (decoder, add_lora_b32 to use)
         "single": ("single", real),
         "lora": ("lora", real),
+        "lora-ops": ("lora", fast_llama.add_lora_b32_ops),
         "lora-no-b": ("lora", lambda *args, **kw: None),
         "lora-b-bmm-only": ("lora", b_part({"xa", "add"})),
         "lora-b-no-add": ("lora", b_part({"add"})),
@@ -97,25 +99,32 @@ def main(argv=None) -> int:
     try:
         for B in batches:
             prompts = make_prompts(3, B, a.prompt_len, SHAPES[a.shape]["vocab_size"], seed=B)
-            steps = {m: [] for m in modes}
+            steps, toks = {m: [] for m in modes}, {}
             for rep in range(a.reps + 1):  # the first round warms up
                 for m, (d, fn) in modes.items():
                     fast_llama.add_lora_b32 = fn
                     p = first_only(prompts) if m == "single" else prompts[:]
-                    _, st, _ = timed_stream(decs[d].stream(p, params), dev)
+                    _, st, toks[m] = timed_stream(decs[d].stream(p, params), dev)
                     if rep:
                         steps[m] += st
             ms = {m: round(statistics.median(v), 3) for m, v in steps.items()}
+            kernel_on = any(plan[6] is not None for L in decs["lora"].groups[0].layers for p in L.values()
+                            for plan in getattr(p, "_b32_plans", {}).values())
             r = {"ms_step": ms,
                  "lora_tput_vs_single": round(ms["single"] / ms["lora"], 3),
                  "b_products_and_adds_ms": round(ms["lora"] - ms["lora-no-b"], 3),
                  "xa_columns_ms": round(ms["lora-no-b"] - ms["noadapters"], 3),
-                 "three_rows_per_prompt_ms": round(ms["noadapters"] - ms["single"], 3)}
+                 "three_rows_per_prompt_ms": round(ms["noadapters"] - ms["single"], 3),
+                 "kernel_gain_ms": round(ms["lora-ops"] - ms["lora"], 3),
+                 "kernel_in_use": kernel_on,
+                 # the kernel gives the ops' bits: the same greedy tokens
+                 "kernel_tokens_match": toks["lora"] == toks["lora-ops"]}
             out["batches"][str(B)] = r
             print(f"B={B}: " + ", ".join(f"{m} {v:.2f}" for m, v in ms.items()) + " ms/step")
             print(f"      LoRA-shared / single throughput {r['lora_tput_vs_single']}; B products + adds "
                   f"{r['b_products_and_adds_ms']} ms, x·A columns {r['xa_columns_ms']} ms, three rows per prompt "
-                  f"{r['three_rows_per_prompt_ms']} ms", flush=True)
+                  f"{r['three_rows_per_prompt_ms']} ms; the C kernel (in use: {kernel_on}) gains {r['kernel_gain_ms']} ms over "
+                  f"the ops, same tokens: {r['kernel_tokens_match']}", flush=True)
     finally:
         fast_llama.add_lora_b32 = real
     if a.json:

@@ -12,7 +12,7 @@ from ultrafuser.config import FuseConfig, GateConfig, SpecialistConfig
 from ultrafuser.data.conversation import Aligned
 from ultrafuser.modeling import fast
 from ultrafuser.modeling.fast import FastFusedDecoder, Unsupported, device_sample
-from ultrafuser.modeling import fast_llama
+from ultrafuser.modeling import cpu_kernels, fast_llama
 from ultrafuser.modeling.fast_llama import describe
 from ultrafuser.modeling.fused import FusedModel
 from ultrafuser.modeling import generation
@@ -781,9 +781,12 @@ def test_cpu_lora_parts_benchmark_runs(tmp_path):
     res = run_bench_script("cpu_lora_parts.py", ["--shape", "tiny", "--batches", "2", "--reps", "1", "--steps", "4",
                                                  "--prompt-len", "8", "--rank", "4"], tmp_path / "parts.json")
     ms = res["batches"]["2"]["ms_step"]
-    assert set(ms) == {"single", "lora", "lora-no-b", "lora-b-bmm-only", "lora-b-no-add", "noadapters"}
+    assert set(ms) == {"single", "lora", "lora-ops", "lora-no-b", "lora-b-bmm-only", "lora-b-no-add", "noadapters"}
     assert all(v > 0 for v in ms.values()) and res["env"]["dtype"] == "bfloat16"
-    assert res["batches"]["2"]["lora_tput_vs_single"] == round(ms["single"] / ms["lora"], 3)
+    r = res["batches"]["2"]
+    assert r["lora_tput_vs_single"] == round(ms["single"] / ms["lora"], 3)
+    assert r["kernel_gain_ms"] == round(ms["lora-ops"] - ms["lora"], 3)
+    assert r["kernel_tokens_match"] is True and r["kernel_in_use"] is (cpu_kernels.lora_b_kernel() is not None)
 
 
 def test_finished_rows_leave_the_batch(dense, lora):

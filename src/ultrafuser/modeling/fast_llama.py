@@ -33,6 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ultrafuser.modeling import cpu_kernels
+
 log = logging.getLogger(__name__)
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 _SEQ_DEPENDENT_ROPE = ("dynamic", "longrope")
@@ -150,33 +152,52 @@ def xa_chunk_index(G: int, R: int, M: int, rs: int, out: int, starts: torch.Tens
     return idx.reshape(G * n, M, w)
 
 
-def lora_b32_plan(b32: tuple, G: int, R: int, M: int, rs: int, out: int) -> tuple:
+def lora_b32_plan(b32: tuple, G: int, R: int, M: int, rs: int, out: int, kernel: bool = True) -> tuple:
     """What `add_lora_b32` needs for one projection at M rows per member, made once (a decode step's projection
     caches it per M, so a step allocates nothing and builds no views it can keep): fp32 buffers for x·A (G·n, M, w)
     and the product (G·n, M, c), where x·A sits in the base's product ye (G·M, rs) with `out` base columns
     (`xa_chunk_index`: a strided view of ye, written through a view of the buffer, or indices for a `take`), the
-    product's (G, n, M, c) view and where it goes in ye (size, stride, first column). b32: Proj._b_chunks' result."""
+    product's (G, n, M, c) view and where it goes in ye (size, stride, first column). b32: Proj._b_chunks' result.
+    Last, the C kernel's arguments (`cpu_kernels.kernel_args`) where it applies (kernel=True and the kernel
+    loaded), else None."""
     B, starts, col0, c = b32
     n, w = starts.numel(), B.shape[1]
     xa, d = B.new_empty((B.shape[0], M, w)), B.new_empty((B.shape[0], M, c))
     idx = xa_chunk_index(G, R, M, rs, out, starts, w)
     src = idx.to(B.device) if isinstance(idx, torch.Tensor) else (xa.view(idx[0]), *idx)
-    return xa, src, B, d, d.view(G, n, M, c), ((G, n, M, c), (M * rs, c, rs, 1), col0)
+    plan = (xa, src, B, d, d.view(G, n, M, c), ((G, n, M, c), (M * rs, c, rs, 1), col0))
+    return plan + ((cpu_kernels.kernel_args(plan) if kernel else None),)
 
 
 def add_lora_b32(ye: torch.Tensor, plan: tuple) -> None:
     """Add every member's (x·A)·B into the base's output columns of ye (G·M, rs), in place: one fp32 bmm over the
     chunks of B·scale (Proj._b_chunks), x·A converted to fp32 in one copy (from a strided view of ye, or a `take`),
     the sum formed in fp32 and rounded once into ye's dtype (as PEFT's result.to(dtype)). ye must be contiguous;
-    plan: `lora_b32_plan(...)` for ye's shape (its buffers are reused, so one plan serves one call at a time)."""
-    xa, src, B, d, d4, (size, stride, col0) = plan
-    o = ye.storage_offset()
+    plan: `lora_b32_plan(...)` for ye's shape (its buffers are reused, so one plan serves one call at a time).
+    Where the plan carries the C kernel's arguments and ye is bf16, the kernel does the same in one pass with the
+    same bits (`cpu_kernels`: checked against `add_lora_b32_ops` on this machine before it is used)."""
+    if plan[6] is not None and ye.dtype == torch.bfloat16:
+        cpu_kernels.run(ye, plan[2], plan[6])
+    else:
+        add_lora_b32_ops(ye, plan)
+
+
+def lora_b32_products(ye: torch.Tensor, plan: tuple) -> torch.Tensor:
+    """The fp32 products (x·A)·B of every chunk, x·A read from ye: the plan's buffer d (G·n, M, c), overwritten by
+    the next call."""
+    xa, src, B, d = plan[:4]
     if isinstance(src, torch.Tensor):
         xa.copy_(torch.take(ye, src))
     else:
-        src[0].copy_(ye.as_strided(src[1], src[2], o + src[3]))
-    torch.bmm(xa, B, out=d)
-    y = ye.as_strided(size, stride, o + col0)
+        src[0].copy_(ye.as_strided(src[1], src[2], ye.storage_offset() + src[3]))
+    return torch.bmm(xa, B, out=d)
+
+
+def add_lora_b32_ops(ye: torch.Tensor, plan: tuple) -> None:
+    """`add_lora_b32` as PyTorch ops: the C kernel's reference, and the way without it."""
+    d4, (size, stride, col0) = plan[4], plan[5]
+    lora_b32_products(ye, plan)
+    y = ye.as_strided(size, stride, ye.storage_offset() + col0)
     # the same values as y.add_(d4), which converts y through temporaries (slightly slower in the decode step)
     y.copy_(d4.add_(y))
 
@@ -315,7 +336,7 @@ class Proj:
     def __init__(self, parts, adapters, shared: bool, copy: bool, device, dtype, lora_precision: str = "auto",
                  pack: bool = True):
         G = len(parts)
-        self.G, self.shared, self.copy = G, shared, copy
+        self.G, self.shared, self.copy, self.dtype = G, shared, copy, dtype
         bases = [[_base_linear(m) for m in p] for p in parts]
         self.outs = [b.out_features for b in bases[0]]
         out, inp = sum(self.outs), bases[0][0].in_features
@@ -469,7 +490,8 @@ class Proj:
         """`lora_b32_plan` for this projection at M rows per member, cached."""
         plan = self._b32_plans.get(M)
         if plan is None:
-            plan = self._b32_plans[M] = lora_b32_plan(self.b32, self.G, self.lora[0].shape[2], M, rs, out)
+            plan = self._b32_plans[M] = lora_b32_plan(self.b32, self.G, self.lora[0].shape[2], M, rs, out,
+                                                      kernel=self.dtype == torch.bfloat16)
         return plan
 
     @property
