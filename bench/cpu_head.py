@@ -12,23 +12,13 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import time
 
 import torch
 import torch.nn.functional as F
 
+from cpu_micro import median_ms
+
 from ultrafuser.modeling.fast_llama import w_xt
-
-
-def median_ms(fn, reps: int) -> float:
-    for _ in range(3):
-        fn()
-    ts = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        ts.append((time.perf_counter() - t) * 1e3)
-    return sorted(ts)[len(ts) // 2]
 
 
 def main() -> int:

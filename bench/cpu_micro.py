@@ -1,10 +1,12 @@
 """Shared by the CPU micro-benchmarks that time one piece of the decode step in a half-precision dtype vs fp32
-(bench/cpu_attention.py, bench/cpu_lora_b.py): one result row, and the JSON they write."""
+(bench/cpu_attention.py, bench/cpu_lora_b.py): one result row, and the JSON they write; and the median timer of
+bench/cpu_head.py and bench/cpu_rows.py."""
 
 from __future__ import annotations
 
 import json
 import platform
+import time
 
 import torch
 
@@ -40,3 +42,15 @@ def write_json(args, rows: list[dict]) -> None:
         with open(args.json, "w") as f:
             json.dump({"machine": platform.machine(), "threads": args.threads, "torch": torch.__version__,
                        "dtype": args.dtype, "args": vars(args), "rows": rows}, f, indent=1)
+
+
+def median_ms(fn, reps: int) -> float:
+    """The median ms of `reps` calls of fn after 3 warm-up calls (the upper middle one for an even count)."""
+    for _ in range(3):
+        fn()
+    ts = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        ts.append((time.perf_counter() - t) * 1e3)
+    return sorted(ts)[len(ts) // 2]

@@ -26,20 +26,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from cpu_micro import median_ms
 from decode import SHAPES, copy_bandwidth
 
 from ultrafuser.modeling.fast_llama import mkldnn_linear, mkldnn_pack, mkldnn_packing
-
-
-def median_ms(fn, reps: int) -> float:
-    for _ in range(2):
-        fn()
-    ts = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        ts.append((time.perf_counter() - t) * 1e3)
-    return statistics.median(ts)
 
 
 def main(argv=None) -> int:
