@@ -99,7 +99,8 @@ def test_switched_off_or_no_compiler_runs_the_ops(fresh, monkeypatch):
 
 @pytest.mark.skipif(not HAS_CC or not hasattr(os, "getuid"), reason="needs a C compiler and POSIX permissions")
 def test_a_cached_library_others_can_write_is_rebuilt(fresh):
-    """A library is code: a cached one that others may write is not loaded but built again (0700)."""
+    """A library is code: a cached one that others may write is not loaded but built again (0700), and a kernels
+    folder that others may write is not used."""
     assert cpu_kernels.lora_b_kernel() is not None
     (lib,) = fresh.glob("lora_b_add-*.so")
     assert stat.S_IMODE(fresh.stat().st_mode) == 0o700
@@ -107,6 +108,11 @@ def test_a_cached_library_others_can_write_is_rebuilt(fresh):
     cpu_kernels.reset()
     assert cpu_kernels.lora_b_kernel() is not None
     assert stat.S_IMODE(lib.stat().st_mode) & 0o022 == 0
+    # a folder others can write: no kernel at all (the ops run)
+    fresh.chmod(0o777)
+    cpu_kernels.reset()
+    assert cpu_kernels.lora_b_kernel() is None
+    fresh.chmod(0o700)
 
 
 @pytest.mark.skipif(not HAS_CC, reason="no C compiler on this machine")

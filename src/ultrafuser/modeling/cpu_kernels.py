@@ -11,8 +11,9 @@ in one run; LoRA-shared / one model's throughput 0.813-0.815 at batch 1 and 0.61
 
 How it stays safe and exact:
 - it is compiled on first use with the system's C compiler (`$CC`, else cc / gcc / clang) into the user's cache
-  (`$ULTRAFUSER_CACHE/kernels`, made 0700); a cached library is loaded only if this user owns it and nobody else
-  can write it. No compiler, or a failed build: the PyTorch ops run (the same values), logged once;
+  (`kernels/` in `$ULTRAFUSER_CACHE`, else ~/.cache/ultrafuser; made 0700); the folder and a cached library are
+  used only if this user owns them and nobody else can write them. No compiler, or a failed build: the PyTorch
+  ops run (the same values), logged once;
 - for every shape a decode step gives it (once per projection shape and batch size), a self-check compares its
   fp32 sums with the PyTorch ops' (`fast_llama.lora_b32_products`, the plan's own B, random x·A): it is used only
   where they are the same bits, so the step's values do not change. The fp32 `bmm` sums the rank terms in order,
@@ -143,6 +144,9 @@ def _build(cc: str, omp: bool) -> Path | None:
     key = hashlib.sha256("\n".join([SOURCE, cc, " ".join(flags), _cpu_id()]).encode()).hexdigest()[:20]
     d = cache_root() / "kernels"
     d.mkdir(parents=True, exist_ok=True, mode=0o700)
+    if not _trusted(d):  # others could swap the library between the check below and the load
+        log.warning("not using the CPU LoRA kernel: %s is not this user's or others can write it", d)
+        return None
     out = d / f"lora_b_add-{key}.so"
     if out.exists():
         if _trusted(out):
