@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import shutil
 import stat
+import sys
 
 import pytest
 import torch
@@ -52,6 +53,9 @@ def test_kernel_gives_the_ops_bits(fresh):
     per-shape self-check picks the ops' order of summation)."""
     assert cpu_kernels.lora_b_kernel() is not None
     assert len(list(fresh.glob("lora_b_add-*.so"))) == 1
+    # PyTorch on GNU OpenMP (the Linux wheels): the kernel runs on the same threads
+    gomp = sys.platform.startswith("linux") and "libgomp" in open("/proc/self/maps").read()
+    assert cpu_kernels._STATE["openmp"] == gomp
     g = torch.Generator().manual_seed(0)
     n = 0
     for M in range(1, fast_llama.CPU_FP32_B_ROWS + 1):

@@ -114,9 +114,15 @@ def _compiler() -> str | None:
 
 
 def _openmp() -> bool:
-    """OpenMP only where PyTorch itself runs on GNU OpenMP (Linux wheels): the kernel then shares its thread pool
-    (the same libgomp.so.1, already loaded) and its thread count (torch.set_num_threads)."""
-    return sys.platform.startswith("linux") and "GNU OpenMP" in torch.__config__.parallel_info()
+    """OpenMP only where PyTorch itself runs on GNU OpenMP (Linux wheels: libgomp.so.1 in this process): the kernel
+    then shares its thread pool (the loader reuses the loaded libgomp.so.1) and its thread count
+    (torch.set_num_threads). Another OpenMP runtime (e.g. Intel's in conda builds) would mean two pools: serial."""
+    if not sys.platform.startswith("linux") or "parallel backend: OpenMP" not in torch.__config__.parallel_info():
+        return False
+    try:
+        return "libgomp" in Path("/proc/self/maps").read_text()
+    except OSError:
+        return False
 
 
 def _cpu_id() -> str:
@@ -180,6 +186,7 @@ def _load():
             log.info("the CPU LoRA kernel could not be built: %s", e)
             path = None
         if path is not None:
+            _STATE["openmp"] = omp
             break
     if path is None:
         return None
