@@ -5,8 +5,8 @@ Why hand-written: the step's 120 low-rank products a step (4 projections x 30 la
 (K = 16) and PyTorch 2.13 has no CPU op that reads x·A from the bf16 product, multiplies by B in fp32 and adds the
 result back rounded once: it takes a converting copy, an fp32 `bmm` and two converting copies, each with its own
 per-call cost. Multi-LoRA kernels in the field (punica, vLLM's) are CUDA / Triton only. Measured on the 2-core VM
-(docs/benchmarks.md, "the LoRA B products as one C kernel"): 1.4 ms less per step at batch 1 and 4 than the ops
-in one run; LoRA-shared / one model's throughput 0.813-0.815 at batch 1 and 0.617-0.629 at batch 4 over three runs
+(docs/benchmarks.md, "the LoRA B products as one C kernel"): 2.9 / 2.5 ms less per step than the ops at batch 1 / 4
+in one run; LoRA-shared / one model's throughput 0.824-0.852 at batch 1 and 0.637-0.676 at batch 4 over five runs
 (0.735-0.778 and 0.582-0.641 before).
 
 How it stays safe and exact:
