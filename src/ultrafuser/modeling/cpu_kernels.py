@@ -16,9 +16,9 @@ How it stays safe and exact:
   ops run (the same values), logged once;
 - for every shape a decode step gives it (once per projection shape and batch size), a self-check compares its
   fp32 sums with the PyTorch ops' (`fast_llama.lora_b32_products`, the plan's own B, random x·A): it is used only
-  where they are the same bits, so the step's values do not change. The fp32 `bmm` sums the rank terms in order,
-  but with fused multiply-adds or without depending on the shape (measured on the VM: without at 1-3 rows of
-  192-1,536 columns, with from 4 rows); the check finds which, per machine;
+  where they are the same bits, and its bf16 result too, so the step's values do not change. The fp32 `bmm` sums
+  the rank terms in order, but with fused multiply-adds or without depending on the shape; the check finds which,
+  per machine;
 - `ULTRAFUSER_CPU_KERNEL=0` turns it off.
 """
 
@@ -103,7 +103,7 @@ void lora_b_add(uint16_t *ye, int64_t rs, int64_t gn, int64_t M, int64_t w, int6
 """
 MAX_W = 64  # the kernel's x·A window (xa[MB][64])
 
-_STATE: dict = {}  # "fn": the loaded function or None, "modes": {rows: fused flag}
+_STATE: dict = {}  # "fn": the loaded function or None; "modes": {shape key: fused flag or None}; "openmp"
 
 
 def _compiler() -> str | None:
@@ -260,10 +260,9 @@ def products(ye: torch.Tensor, B: torch.Tensor, args: tuple, fused: int) -> torc
 
 def _mode(plan: tuple, args: tuple):
     """Which summation (1: fused multiply-adds, 0: a rounded product then a rounded add) gives the fp32 products
-    of the PyTorch ops (`fast_llama.lora_b32_products`) bit for bit for this plan's shape on this machine — the
-    ops' order depends on the shape (measured: a product then an add at 1-3 rows of 192-1,536 columns, fused from 4
-    rows, and fused at 1 row of 64 or 600) — checked once per shape on random x·A with the plan's own B; None:
-    neither, so the ops run."""
+    of the PyTorch ops (`fast_llama.lora_b32_products`) bit for bit for this plan's shape on this machine (the
+    ops' order depends on the shape), and with it the ops' bf16 result (`fast_llama.add_lora_b32_ops`): checked
+    once per shape on random x·A with the plan's own B. None: neither, so the ops run."""
     from ultrafuser.modeling import fast_llama
 
     xoff, yoff, rs, gn, M, w, c = args
@@ -277,7 +276,11 @@ def _mode(plan: tuple, args: tuple):
         modes[key] = None
         for fused in (1, 0):
             if torch.equal(products(ye, B, args, fused), want):
-                modes[key] = fused
+                ref, got = ye.clone(), ye.clone()
+                fast_llama.add_lora_b32_ops(ref, plan)
+                run(got, B, args + (fused,))
+                if torch.equal(ref.view(torch.int16), got.view(torch.int16)):
+                    modes[key] = fused
                 break
         if modes[key] is None:
             log.info("the CPU LoRA kernel does not reproduce the PyTorch ops' sums for %s: not used there", key[:5])
